@@ -1,0 +1,48 @@
+"""Callbacks: training throughput, and the results.json summary written at the end of every run."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+
+
+class ThroughputMonitor(L.Callback):
+    """Logs ``tokens_per_sec`` (supervised + unsupervised input tokens of all ranks per wall second) every
+    ``log_every_n_steps`` and keeps the run's mean (first window excluded: it holds compilation/warm-up)."""
+
+    def __init__(self) -> None:
+        self.window_tokens = 0
+        self.window_start: float | None = None
+        self.windows: list[tuple[int, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.window_start is None:
+            self.window_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.window_tokens += batch[0].numel() * trainer.world_size
+        if (batch_idx + 1) % max(1, trainer.log_every_n_steps * trainer.accumulate_grad_batches) == 0:
+            elapsed = time.perf_counter() - self.window_start
+            rate = self.window_tokens / max(elapsed, 1e-9)
+            pl_module.log("tokens_per_sec", rate, on_step=True, on_epoch=False, prog_bar=True)
+            self.windows.append((self.window_tokens, elapsed))
+            self.window_tokens, self.window_start = 0, None
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.window_start = None  # evaluation time is not training throughput
+        self.window_tokens = 0
+
+    def mean_tokens_per_sec(self) -> float | None:
+        windows = self.windows[1:] or self.windows
+        if not windows:
+            return None
+        return sum(t for t, _ in windows) / sum(s for _, s in windows)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)

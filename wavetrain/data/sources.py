@@ -1,0 +1,203 @@
+"""Corpora: each source yields the documents (strings) of a split.
+
+``EmbeddedTextSource`` reads one text file (the shipped tiny-shakespeare, or ``data.path``) and cuts it into
+train/validation/test by character fractions.  ``HFTextSource`` is the real Hugging Face ``datasets`` loader
+(streaming where the corpus is big) for WikiText-2, C4, OpenWebText and UltraChat; with ``data.path`` it reads
+local json/jsonl/parquet/text files of the same schema instead of the hub, which is how it runs offline.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import importlib
+import itertools
+from collections.abc import Iterable, Iterator
+from importlib import resources
+from pathlib import Path
+
+SPLITS = ("train", "validation", "test")
+
+
+class DataError(ValueError):
+    """A corpus that cannot be read: the message names the setting and the fix."""
+
+
+def read_text_file(path: Path) -> str:
+    """UTF-8 text of a plain or gzip file (CRLF normalised), with clear errors for missing/empty/binary files."""
+    if not path.exists():
+        raise DataError(f"data.path={path} does not exist: point data.path at a local copy of the corpus")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            text = handle.read().replace("\r\n", "\n")
+    except UnicodeDecodeError as err:
+        raise DataError(f"data.path={path} is not UTF-8 text ({err.reason} at byte {err.start}): "
+                        f"convert it to UTF-8") from err
+    if not text.strip():
+        raise DataError(f"data.path={path} is empty: give a file with text in it")
+    return text
+
+
+class EmbeddedTextSource:
+    """One text, split by character fractions: train = head, validation/test = the tail (nanoGPT's split)."""
+
+    def __init__(self, filename: str, val_fraction: float = 0.1, test_fraction: float = 0.0) -> None:
+        if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+            raise DataError(f"val_fraction={val_fraction}, test_fraction={test_fraction}: both in [0, 1) with "
+                            f"val_fraction > 0 and a non-empty train part")
+        self.filename = filename
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+
+    def fingerprint(self, path: str | None) -> str:
+        return f"{self.filename if path is None else _path_fingerprint(path)}-{self.val_fraction}-{self.test_fraction}"
+
+    def documents(self, split: str, path: str | None) -> Iterator[str]:
+        if path is not None:
+            text = read_text_file(Path(path))
+        else:
+            with resources.files("wavetrain.assets").joinpath(self.filename).open("rb") as raw:
+                text = gzip.decompress(raw.read()).decode("utf-8")
+        n = len(text)
+        val_start = int(n * (1 - self.val_fraction - self.test_fraction))
+        test_start = int(n * (1 - self.test_fraction))
+        bounds = {"train": (0, val_start), "validation": (val_start, test_start), "test": (test_start, n)}
+        start, stop = bounds[split]
+        if stop > start:
+            yield text[start:stop]
+
+
+def _path_fingerprint(path: str) -> str:
+    files = sorted(Path(p) for p in _expand(path))
+    digest = hashlib.sha1()
+    for f in files:
+        stat = f.stat()
+        digest.update(f"{f.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+    return digest.hexdigest()[:12]
+
+
+def _expand(path: str) -> list[str]:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.is_file())
+    elif any(ch in path for ch in "*?["):
+        files = sorted(glob.glob(path, recursive=True))
+    else:
+        files = [path] if p.exists() else []
+    if not files:
+        raise DataError(f"data.path={path} does not exist or matches no file: point it at local corpus files")
+    return files
+
+
+def _builder_for(files: list[str]) -> str:
+    names = [f[:-3] if f.endswith(".gz") else f for f in files]
+    if all(n.endswith((".json", ".jsonl")) for n in names):
+        return "json"
+    if all(n.endswith(".parquet") for n in names):
+        return "parquet"
+    return "text"
+
+
+class HFTextSource:
+    """A Hugging Face dataset read through ``datasets``: hub id + config, or local files via ``data.path``.
+
+    ``splits`` maps our split names to the dataset's (e.g. validation -> test_sft).  When the dataset has fewer
+    splits than we need (OpenWebText has only train), ``carve`` cuts the first ``max_docs`` documents of its
+    train split in order, e.g. {train: 0.95, validation: 0.025, test: 0.025} (spec dwarf.md §2).
+    ``formatter`` turns a row into its text (a field name, or a callable path such as the UltraChat formatter)."""
+
+    def __init__(self, hub_id: str, hub_config: str | None = None, text_field: str = "text",
+                 splits: dict[str, str] | None = None, carve: dict[str, float] | None = None,
+                 max_docs: int | None = None, streaming: bool = True, features: dict[str, str] | None = None,
+                 min_chars: int = 0, strip: bool = False, formatter: str | None = None) -> None:
+        self.hub_id = hub_id
+        self.hub_config = hub_config
+        self.text_field = text_field
+        self.splits = dict(splits or {"train": "train", "validation": "validation", "test": "test"})
+        self.carve = dict(carve) if carve else None
+        self.max_docs = max_docs
+        self.streaming = streaming
+        self.features = dict(features) if features else None
+        self.min_chars = min_chars
+        self.strip = strip
+        self.formatter = formatter
+
+    def fingerprint(self, path: str | None) -> str:
+        origin = f"{self.hub_id}/{self.hub_config}" if path is None else _path_fingerprint(path)
+        return hashlib.sha1(repr((origin, self.text_field, self.splits, self.carve, self.max_docs, self.min_chars,
+                                  self.strip, self.formatter)).encode()).hexdigest()[:12]
+
+    def _load(self, split: str, path: str | None) -> Iterable[dict]:
+        import datasets
+
+        kwargs = {"streaming": self.streaming}
+        if self.features:
+            kwargs["features"] = datasets.Features({k: datasets.Value(v) for k, v in self.features.items()})
+        if path is not None:
+            files = _expand(path)
+            builder = _builder_for(files)
+            if builder == "text":
+                kwargs.pop("features", None)
+            return datasets.load_dataset(builder, data_files={"data": files}, split="data", **kwargs)
+        try:
+            return datasets.load_dataset(self.hub_id, self.hub_config, split=split, **kwargs)
+        except Exception as err:  # offline hub: ConnectionError, OfflineModeIsEnabled, FileNotFoundError, ...
+            raise DataError(f"loading {self.hub_id} ({self.hub_config or 'default'}) split {split!r} failed: "
+                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} — this corpus "
+                            f"needs network or a local copy: set data.path=/path/to/files "
+                            f"(json/jsonl/parquet/text of the same schema)") from err
+
+    def _texts(self, rows: Iterable[dict]) -> Iterator[str]:
+        format_row = _resolve_formatter(self.formatter) if self.formatter else None
+        for index, row in enumerate(rows):
+            if format_row is not None:
+                text = format_row(row, index)
+            else:
+                if self.text_field not in row:
+                    raise DataError(f"row {index} has no field {self.text_field!r} (fields: {sorted(row)}): "
+                                    f"set data.source.text_field to the field holding the text")
+                text = row[self.text_field]
+            text = text.strip() if self.strip else text
+            if len(text) > self.min_chars and text:
+                yield text
+
+    def documents(self, split: str, path: str | None) -> Iterator[str]:
+        if self.carve is None and path is None:
+            return self._texts(self._load(self.splits[split], path))
+        return self._carved(split, path)
+
+    def _carved(self, split: str, path: str | None) -> Iterator[str]:
+        carve = self.carve or {"train": 0.9, "validation": 0.05, "test": 0.05}
+        docs = list(itertools.islice(self._texts(self._load(self.splits.get("train", "train"), path)),
+                                     self.max_docs))
+        n = len(docs)
+        if n == 0:
+            raise DataError(f"no documents in {path or self.hub_id}: the corpus is empty")
+        edges, start = {}, 0
+        for name in SPLITS:
+            stop = start + int(round(n * carve.get(name, 0.0))) if name != "test" else n
+            edges[name] = (start, min(stop, n))
+            start = edges[name][1]
+        lo, hi = edges[split]
+        return iter(docs[lo:hi])
+
+
+def _resolve_formatter(dotted: str):
+    module_name, _, attr = dotted.rpartition(".")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def format_chat(row: dict, index: int) -> str:
+    """UltraChat row -> plain text with role markers, one turn per line (spec wda.md §4)."""
+    if "messages" not in row:
+        raise DataError(f"row {index} has no field 'messages' (fields: {sorted(row)}): UltraChat rows need "
+                        f"messages=[{{role, content}}, ...]")
+    roles = {"user": "User", "human": "User", "assistant": "Assistant", "gpt": "Assistant", "bot": "Assistant",
+             "system": "System"}
+    lines = []
+    for turn in row["messages"]:
+        content = (turn.get("content") or "").strip()
+        if content:
+            lines.append(f"{roles.get(turn.get('role', ''), 'User')}: {content}\n")
+    return "".join(lines)

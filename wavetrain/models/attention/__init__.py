@@ -1,0 +1,10 @@
+"""Attention mechanisms, one file each; every one maps (B, N, D) -> (B, N, D) causally.
+
+Configs (conf/attention/*.yaml) name the class by ``_target_``; ``ATTENTIONS`` is the registry of the classes.
+Constructor contract: ``(dim, n_heads, seq_len, layer_idx=0, n_layers=1, *, <mechanism options>)``.
+"""
+from wavetrain.models.attention.standard import CausalSelfAttention
+
+ATTENTIONS = {"standard": CausalSelfAttention}
+
+__all__ = ["ATTENTIONS", "CausalSelfAttention"]

@@ -1,0 +1,201 @@
+"""Shared primitives of the field/FFT family (Wave Field, WDA, DWARF condA–F).
+
+The causal linear convolution is written once here and reused by every mechanism that convolves along the
+sequence or field axis (spec wavefield.md §2.2 step 5 and §7.1.4; wda.md §2.5; dwarf.md §3.A).  Beside the FFT
+path sits the naive O(L²) reference that the tests compare it with.
+
+The bilinear field layout (token i deposited at field coordinate i·s, read back with the same weights) and its exact
+causality guard are shared by the Wave Field attention and DWARF condA–F (spec wavefield.md §2.2 and §7).
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+
+import torch
+
+
+def next_fast_len(n: int) -> int:
+    """Smallest integer >= n whose prime factors are all <= 7 (a size pocketfft handles fastest)."""
+    if n < 1:
+        raise ValueError(f"next_fast_len needs n >= 1, got {n}")
+    candidate = n
+    while True:
+        rest = candidate
+        for prime in (2, 3, 5, 7):
+            while rest % prime == 0:
+                rest //= prime
+        if rest == 1:
+            return candidate
+        candidate += 1
+
+
+def _fft_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    # torch.fft rejects bf16/fp16 on CPU and loses too much precision on GPU: compute in fp32, or fp64 for tests.
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def causal_fft_conv(signal: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Linear causal convolution along the last axis: out[..., t] = Σ_{s<=t} kernel[..., t-s] · signal[..., s].
+
+    ``kernel`` (..., L) broadcasts against ``signal`` (..., L); its spectrum is computed once for its own shape,
+    so a per-head kernel (H, 1, L) is transformed once per call, not once per batch element.  Both operands are
+    zero-padded to ``next_fast_len(2L)`` so nothing wraps around (no circular leak from the end to the start).
+    Computed in float32 (float64 if an input is float64) even under bf16 autocast; returns ``signal.dtype``.
+    """
+    length = signal.shape[-1]
+    if kernel.shape[-1] != length:
+        raise ValueError(f"kernel length {kernel.shape[-1]} must equal signal length {length}")
+    dtype = _fft_dtype(signal, kernel)
+    n_fft = next_fast_len(2 * length)
+    with torch.autocast(device_type=signal.device.type, enabled=False):
+        signal_f = torch.fft.rfft(signal.to(dtype), n=n_fft)
+        kernel_f = torch.fft.rfft(kernel.to(dtype), n=n_fft)
+        out = torch.fft.irfft(signal_f * kernel_f, n=n_fft)[..., :length]
+    return out.to(signal.dtype)
+
+
+def causal_conv_reference(signal: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Naive O(L²) form of :func:`causal_fft_conv` (a lower-triangular Toeplitz matrix product)."""
+    length = signal.shape[-1]
+    lags = torch.arange(length)[:, None] - torch.arange(length)[None, :]  # t - s
+    toeplitz = kernel[..., lags.clamp(min=0)] * (lags >= 0)  # (..., L_t, L_s)
+    return (toeplitz * signal.unsqueeze(-2)).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bilinear field layout (spec wavefield.md §2.1 buffer, §2.2 steps 2, 3 and 8, §7; dwarf.md §3.A steps 3, 4 and 7)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Positions are computed in fp32 (spec §2.2 step 2); beyond 2**24 fp32 no longer resolves whole field cells.
+_MAX_FP32_FIELD = 2**24
+
+
+def field_stride(field_size: int, max_seq_len: int) -> float:
+    """Field cells per token, s = (G − 1) / max(M − 1, 1) (spec wavefield.md §2.1, buffer ``field_stride``)."""
+    return (field_size - 1) / max(max_seq_len - 1, 1)
+
+
+def _bilinear_cells(index: torch.Tensor, stride: float, field_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # p = clamp(i·s, 0, G−2) in fp32; a = ⌊p⌋ is then already in [0, G−2] and f = p − a in [0, 1), which are the
+    # clamps the spec lists for a and f.
+    stride_f32 = torch.tensor(stride, dtype=torch.float32, device=index.device)
+    position = (index.to(torch.float32) * stride_f32).clamp(0.0, float(field_size - 2))
+    lower = position.floor()
+    return lower.long(), position - lower
+
+
+def bilinear_positions(n_tokens: int, stride: float, field_size: int,
+                       device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower cell a_i (long) and fraction f_i (fp32) of tokens i = 0..n_tokens−1 (spec wavefield.md §2.2 step 2).
+
+    p_i = clamp(i·s, 0, G−2) computed in fp32 exactly as the reference does (fp32 index times fp32 stride), so the
+    layout that :func:`check_field_causality` verifies is bit-for-bit the one the modules use.
+    """
+    index = torch.arange(n_tokens, dtype=torch.float32, device=device)
+    return _bilinear_cells(index, stride, field_size)
+
+
+def bilinear_scatter(values: torch.Tensor, lower: torch.Tensor, frac: torch.Tensor,
+                     field_size: int) -> torch.Tensor:
+    """Deposit values (B, H, N, C) into a zero field (B, H, G, C) (spec wavefield.md §2.2 step 3).
+
+    Φ[a_i] += (1 − f_i)·u_i and Φ[a_i + 1] += f_i·u_i; colliding tokens accumulate.  The field is fp32 (fp64 for
+    fp64 input) whatever the input dtype, so a bf16/fp16 deposit never accumulates in half precision.
+    """
+    dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+    values = values.to(dtype)
+    weight_upper = frac.to(dtype)[:, None]
+    batch, heads, _, channels = values.shape
+    field = values.new_zeros(batch, heads, field_size, channels)
+    field = field.index_add(2, lower, values * (1.0 - weight_upper))
+    return field.index_add(2, lower + 1, values * weight_upper)
+
+
+def bilinear_gather(field: torch.Tensor, lower: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
+    """Bilinear read (B, H, G, C) -> (B, H, N, C): r_i = (1 − f_i)·Ψ[a_i] + f_i·Ψ[a_i + 1] (spec §2.2 step 8)."""
+    weight_upper = frac.to(field.dtype)[:, None]
+    return field.index_select(2, lower) * (1.0 - weight_upper) + field.index_select(2, lower + 1) * weight_upper
+
+
+def _validate_positions(max_seq_len: int, n_positions: int) -> None:
+    if not 1 <= n_positions <= max_seq_len:
+        raise ValueError(f"{n_positions} token positions do not fit max_seq_len={max_seq_len}: positions beyond "
+                         f"max_seq_len − 1 all collapse onto cell G − 2 and read each other's deposits "
+                         f"(spec wavefield.md §7.1.5); raise max_seq_len")
+
+
+def _validate_field_size(field_size: int, setting: str) -> None:
+    if field_size < 2:
+        raise ValueError(f"{setting}={field_size}: a bilinear field needs at least 2 cells")
+    if field_size > _MAX_FP32_FIELD:
+        raise ValueError(f"{setting}={field_size} exceeds 2**24: fp32 field positions can no longer resolve cells")
+
+
+def _read_write_overlaps(lower: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
+    # The convolution is causal along the field, so token i sees token j > i iff the highest cell i reads with
+    # non-zero weight (a_i + 1 if f_i > 0, else a_i) is not strictly below the lowest cell j writes (a_j).  Cells
+    # are non-decreasing in i, so comparing neighbours covers every pair (spec wavefield.md §7, exact condition).
+    highest_read = lower + (frac > 0).long()
+    return highest_read[:-1] >= lower[1:]
+
+
+def _first_leak(field_size: int, max_seq_len: int, n_positions: int) -> int | None:
+    lower, frac = bilinear_positions(n_positions, field_stride(field_size, max_seq_len), field_size)
+    leaking = _read_write_overlaps(lower, frac).nonzero()
+    return int(leaking[0, 0]) if len(leaking) else None
+
+
+def _tail_leaks(field_size: int, max_seq_len: int, n_positions: int) -> bool:
+    # The last pair is where the G − 2 clamp folds a token onto its neighbour; testing it first makes each candidate
+    # the auto search rejects there cost O(1) instead of O(n_positions).
+    tail = torch.tensor([n_positions - 2, n_positions - 1], dtype=torch.float32)
+    lower, frac = _bilinear_cells(tail, field_stride(field_size, max_seq_len), field_size)
+    return bool(_read_write_overlaps(lower, frac).any())
+
+
+@functools.lru_cache(maxsize=256)
+def auto_field_size(max_seq_len: int, *, n_positions: int | None = None) -> int:
+    """Smallest field size G whose bilinear layout is causal for M = ``max_seq_len`` (spec wavefield.md §7).
+
+    Token positions 0..n_positions−1 are checked (default: all M positions, the reference's N ≤ M guard; a module
+    that only ever sees M − 1 tokens, like the Wave Field attention built with M = seq_len + 1, passes
+    ``n_positions=M−1`` and gets G = M, stride 1).  Exact: every candidate is verified on the fp32 layout the
+    modules compute.  The search starts at G = M because any stride s < 1 leaks (tokens 0 and 1 then share cell 0)
+    and stops at G = 2M − 1 at the latest, where s = 2 keeps every token's cells apart.
+    """
+    n_positions = max_seq_len if n_positions is None else n_positions
+    _validate_positions(max_seq_len, n_positions)
+    if n_positions == 1:
+        return 2
+    candidate = max(max_seq_len, 2)
+    while _tail_leaks(candidate, max_seq_len, n_positions) \
+            or _first_leak(candidate, max_seq_len, n_positions) is not None:
+        candidate += 1
+    return candidate
+
+
+def check_field_causality(field_size: int, max_seq_len: int, setting: str = "field_size", *,
+                          n_positions: int | None = None) -> None:
+    """Raise ValueError unless the bilinear layout (G = field_size, M = max_seq_len) is causal (spec §7).
+
+    Causal iff, for every pair of token positions i < j among 0..n_positions−1 (default: all M positions), the
+    highest cell i reads is below the lowest cell j writes.  Leaks occur for s < 1, for most non-integer s in
+    (1, 2), and at the last position when the G − 2 clamp folds it onto its neighbour (s = 1 with n_positions = M).
+    The message names ``setting``, the stride and the smallest causal value (:func:`auto_field_size`).
+    """
+    n_positions = max_seq_len if n_positions is None else n_positions
+    _validate_field_size(field_size, setting)
+    _validate_positions(max_seq_len, n_positions)
+    leak = _first_leak(field_size, max_seq_len, n_positions)
+    if leak is None:
+        return
+    stride = field_stride(field_size, max_seq_len)
+    lower, frac = bilinear_positions(n_positions, stride, field_size)
+    read_cell = int(lower[leak]) + int(frac[leak] > 0)
+    smallest = auto_field_size(max_seq_len, n_positions=n_positions)
+    raise ValueError(
+        f"{setting}={field_size} breaks causality with max_seq_len={max_seq_len} ({n_positions} token positions): "
+        f"stride s=(G-1)/(M-1)={stride:.6g} cells/token makes token {leak} read field cell {read_cell}, where token "
+        f"{leak + 1} deposits (spec wavefield.md §7). Use {setting}={smallest}, the smallest causal value for this "
+        f"max_seq_len, or a larger one with an integer stride or stride >= 2.")

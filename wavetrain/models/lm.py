@@ -1,0 +1,167 @@
+"""The language-model shell shared by every attention mechanism.
+
+tokens (B, N) -> embedding (+ positions) -> L residual blocks -> final LayerNorm -> logits (B, N, V).
+
+Everything that differs between the papers' shells is an option of ``cfg.model`` (see conf/config.yaml):
+position signal (learned table, sinusoidal, none), pre/post norm, tied head, dropout sites, init scheme,
+interference modules between blocks, per-layer attention overrides (DWARF condM's full-attention layer).
+The shell never branches on which attention it holds: attention modules come from ``hydra.utils.instantiate``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from wavetrain.models.blocks import Block, FeedForward
+
+POSITIONS = ("learned", "sinusoidal", "none")
+INITS = ("normal", "torch_default")
+
+
+def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
+    """PE[p, 2i] = sin(p ω_i), PE[p, 2i+1] = cos(p ω_i), ω_i = 10000^(-2i/D) (spec wavefield.md §1)."""
+    position = torch.arange(n_positions, dtype=torch.float32).unsqueeze(1)
+    omega = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n_positions, dim)
+    table[:, 0::2] = torch.sin(position * omega)
+    table[:, 1::2] = torch.cos(position * omega)[:, : dim // 2]
+    return table
+
+
+class LanguageModel(nn.Module):
+    """Decoder-only LM over a stack of ``Block``s; ``forward(ids) -> logits``."""
+
+    def __init__(self, vocab_size: int, dim: int, blocks: list[Block], *, position: str, position_rows: int,
+                 dropout: float, embedding_dropout: bool, final_norm: bool, tie_head: bool) -> None:
+        super().__init__()
+        if position not in POSITIONS:
+            raise ValueError(f"model.position={position!r} is not a position signal: use one of {list(POSITIONS)}")
+        self.position = position
+        self.position_rows = position_rows
+        self.token_embedding = nn.Embedding(vocab_size, dim)
+        self.position_embedding = nn.Embedding(position_rows, dim) if position == "learned" else None
+        if position == "sinusoidal":
+            self.register_buffer("sinusoids", sinusoidal_table(position_rows, dim), persistent=False)
+        self.embedding_dropout = nn.Dropout(dropout if embedding_dropout else 0.0)
+        self.blocks = nn.ModuleList(blocks)
+        self.final_norm = nn.LayerNorm(dim) if final_norm else nn.Identity()
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        if tie_head:
+            self.head.weight = self.token_embedding.weight
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        n = ids.shape[1]
+        x = self.token_embedding(ids)
+        if self.position == "learned":
+            if n > self.position_rows:
+                raise ValueError(f"sequence of {n} tokens is longer than the {self.position_rows} learned positions: "
+                                 f"raise seq_len (or model.position_rows) and retrain")
+            x = x + self.position_embedding.weight[:n]
+        elif self.position == "sinusoidal":
+            table = self.sinusoids if n <= self.sinusoids.shape[0] else sinusoidal_table(n, x.shape[-1]).to(x.device)
+            x = x + table[:n].to(x.dtype)
+        return self.embedding_dropout(x)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.final_norm(x))
+
+
+def build_attention(cfg: DictConfig, dim: int | None = None, layer_idx: int = 0,
+                    attention_cfg: DictConfig | None = None) -> nn.Module:
+    """Instantiate ``cfg.attention`` (or ``attention_cfg``) as a (B, N, D) -> (B, N, D) causal module."""
+    spec = attention_cfg if attention_cfg is not None else cfg.attention
+    return instantiate(spec, dim=dim if dim is not None else cfg.scale.d_model, n_heads=cfg.scale.n_heads,
+                       seq_len=cfg.seq_len, layer_idx=layer_idx, n_layers=cfg.scale.n_layers, _convert_="all")
+
+
+def interference_blocks(spec: DictConfig, n_layers: int) -> list[int]:
+    """Blocks that carry an interference module: explicit ``blocks`` or every ``interval``-th block."""
+    if spec.get("blocks") is not None:
+        blocks = [int(b) for b in spec.blocks]
+        bad = [b for b in blocks if not 0 <= b < n_layers]
+        if bad:
+            raise ValueError(f"model.interference.blocks={blocks} names blocks {bad} outside 0..{n_layers - 1}")
+        return blocks
+    interval = int(spec.interval)
+    if interval < 1:
+        raise ValueError(f"model.interference.interval={interval} must be >= 1")
+    return [i for i in range(n_layers) if (i + 1) % interval == 0]
+
+
+def _build_interference(spec: DictConfig | None, dim: int, n_layers: int) -> tuple[dict[int, nn.Module], str]:
+    if spec is None:
+        return {}, "after_attention"
+    module_spec = OmegaConf.masked_copy(spec, [k for k in spec.keys() if k not in ("blocks", "interval", "site")])
+    modules = {block: instantiate(module_spec, dim=dim, module_idx=k)
+               for k, block in enumerate(interference_blocks(spec, n_layers))}
+    return modules, spec.get("site", "after_attention")
+
+
+def apply_init(model: nn.Module, scheme: str, std: float) -> None:
+    """Global init pass, then each module's ``post_init`` hook (the re-inits the specs run after it).
+
+    normal: every Linear N(0, std²) with zero bias, every Embedding N(0, std²) (GPT-2, Wave Field, DWARF).
+    torch_default: PyTorch's own inits, learned positions zero (the WDA reference, spec wda.md §1)."""
+    if scheme not in INITS:
+        raise ValueError(f"model.init={scheme!r} is not an init scheme: use one of {list(INITS)}")
+    for module in model.modules():
+        if scheme == "normal" and isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+    if scheme == "torch_default" and getattr(model, "position_embedding", None) is not None:
+        nn.init.zeros_(model.position_embedding.weight)
+    for module in model.modules():
+        if hasattr(module, "post_init"):
+            module.post_init()
+
+
+def resolve_vocab_size(cfg: DictConfig, vocab_size: int | None) -> int:
+    if vocab_size is not None:
+        return int(vocab_size)
+    declared = cfg.tokenizer.get("vocab_size")
+    if declared is None:
+        raise ValueError(f"tokenizer={cfg.tokenizer.kind} takes its vocabulary size from the corpus: pass "
+                         f"vocab_size= to build_model, or pick a tokenizer that declares tokenizer.vocab_size")
+    return int(declared)
+
+
+def build_model(cfg: DictConfig, vocab_size: int | None = None) -> LanguageModel:
+    """Build the LM described by a composed config: LongTensor (B, N) -> logits (B, N, V)."""
+    scale, shell = cfg.scale, cfg.model
+    dim, n_layers = int(scale.d_model), int(scale.n_layers)
+    for key in ("d_model", "n_layers", "n_heads", "ffn_dim"):
+        if int(scale[key]) <= 0:
+            raise ValueError(f"scale.{key}={scale[key]} must be positive")
+    if dim % int(scale.n_heads):
+        raise ValueError(f"scale.d_model={dim} is not divisible by scale.n_heads={scale.n_heads}: "
+                         f"choose n_heads dividing d_model")
+    interference, site = _build_interference(shell.get("interference"), dim, n_layers)
+    overrides = {int(k): v for k, v in (shell.get("layer_attention") or {}).items()}
+    blocks = []
+    for layer in range(n_layers):
+        blocks.append(Block(
+            dim, build_attention(cfg, dim, layer, overrides.get(layer)),
+            FeedForward(dim, int(scale.ffn_dim), float(scale.dropout), list(shell.ffn_dropout)),
+            norm=shell.norm, attn_output_dropout=float(scale.dropout) if shell.attn_output_dropout else 0.0,
+            interference=interference.get(layer), interference_site=site,
+            checkpoint_attention=bool(shell.activation_checkpointing)))
+    rows = shell.get("position_rows") or int(cfg.seq_len)
+    model = LanguageModel(resolve_vocab_size(cfg, vocab_size), dim, blocks, position=shell.position,
+                          position_rows=int(rows), dropout=float(scale.dropout),
+                          embedding_dropout=bool(shell.embedding_dropout), final_norm=bool(shell.final_norm),
+                          tie_head=bool(shell.tie_head))
+    apply_init(model, shell.init, float(shell.init_std))
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (a tied head counts once)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,136 @@
+"""One training run from a composed config: data -> model -> Lightning Trainer -> results.json."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger
+from omegaconf import DictConfig, OmegaConf
+
+from wavetrain.callbacks import ThroughputMonitor, write_json_atomic
+from wavetrain.config import validate_config
+from wavetrain.data.datamodule import TextDataModule
+from wavetrain.lightning_module import LanguageModelTask
+
+log = logging.getLogger(__name__)
+CHECKPOINT_DIR = "checkpoints"
+
+
+def cpu_supports_bf16() -> bool:
+    """Native bf16 on this CPU (avx512_bf16 or AMX); elsewhere bf16 is emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.backends.mps.is_available()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(trainer_cfg: DictConfig) -> str:
+    """The requested precision, or 32-true with a warning where bf16 is unsupported."""
+    precision = str(trainer_cfg.precision)
+    if not precision.startswith("bf16"):
+        return precision
+    wants_gpu = trainer_cfg.accelerator in ("gpu", "cuda") or (trainer_cfg.accelerator == "auto"
+                                                               and torch.cuda.is_available())
+    supported = torch.cuda.is_bf16_supported() if wants_gpu and torch.cuda.is_available() else cpu_supports_bf16()
+    if not supported:
+        warnings.warn(f"trainer.precision={precision} requested but this {'GPU' if wants_gpu else 'CPU'} has no "
+                      f"bf16 support: falling back to 32-true (set trainer.precision=32-true to silence this)")
+        return "32-true"
+    return precision
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+    """CSV always (nothing depends on a remote service), plus tensorboard or W&B when chosen."""
+    loggers: list[Logger] = [CSVLogger(str(run_dir), name="logs", version="")]
+    kind = cfg.logger.kind
+    if kind == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version=""))
+    elif kind == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        choices = cfg.run.choices
+        name = cfg.logger.name or "-".join(str(choices.get(g, "")) for g in ("attention", "scale", "data"))
+        tags = sorted({*cfg.logger.tags, *(f"{g}={choices[g]}" for g in ("attention", "scale", "data")
+                                           if g in choices)})
+        loggers.append(WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
+                                   tags=tags, name=name, save_dir=str(run_dir),
+                                   config=OmegaConf.to_container(cfg, resolve=True)))
+    elif kind != "csv":
+        raise ValueError(f"logger.kind={kind!r} is unknown: use logger=csv, logger=tensorboard or logger=wandb")
+    return loggers
+
+
+def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """``run.ckpt_path`` if given, else the run directory's last checkpoint (a rerun resumes automatically)."""
+    if cfg.run.ckpt_path:
+        path = Path(cfg.run.ckpt_path).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"run.ckpt_path={path} does not exist: give an existing .ckpt file")
+        return str(path)
+    last = run_dir / CHECKPOINT_DIR / "last.ckpt"
+    return str(last) if last.exists() else None
+
+
+def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
+    """Train, validate (and optionally test) one configuration; write and return the results summary."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    validate_config(cfg)
+    run_dir = Path(run_dir or os.getcwd())
+    started = time.time()
+    L.seed_everything(int(cfg.seed), workers=True)
+    data = TextDataModule(cfg.data, cfg.tokenizer, int(cfg.seq_len), int(cfg.seed))
+    vocab_size = data.prepare()
+    task = LanguageModelTask(OmegaConf.to_container(cfg, resolve=True), vocab_size)
+    log.info("model: %s parameters, vocabulary %d", f"{task.n_parameters:,}", vocab_size)
+    checkpoints = ModelCheckpoint(dirpath=str(run_dir / CHECKPOINT_DIR), filename="best-step{step}",
+                                  monitor="val/loss", mode="min", save_top_k=1, save_last=True,
+                                  auto_insert_metric_name=False)
+    throughput = ThroughputMonitor()
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_args["precision"] = resolve_precision(cfg.trainer)
+    trainer = L.Trainer(**trainer_args, max_epochs=-1, gradient_clip_val=cfg.optim.grad_clip or None,
+                        callbacks=[checkpoints, throughput], logger=build_loggers(cfg, run_dir),
+                        default_root_dir=str(run_dir))
+    trainer.fit(task, datamodule=data, ckpt_path=find_resume_checkpoint(cfg, run_dir))
+    final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    results = {
+        "status": "done",
+        "val_loss": final.get("val/loss"),
+        "val_ppl": final.get("val/ppl"),
+        "val_acc": final.get("val/acc"),
+        "val_loss_batch_mean": final.get("val/loss_batch_mean"),
+        "best_val_loss": float(checkpoints.best_model_score) if checkpoints.best_model_score is not None else None,
+        "best_checkpoint": checkpoints.best_model_path or None,
+        "steps": trainer.global_step,
+        "tokens_per_sec": throughput.mean_tokens_per_sec(),
+        "wall_seconds": time.time() - started,
+        "n_parameters": task.n_parameters,
+        "vocab_size": vocab_size,
+        "overrides": list(cfg.run.overrides),
+        "choices": dict(cfg.run.choices),
+    }
+    if cfg.run.test and len(data.splits["test"]) > cfg.seq_len:
+        tested = trainer.test(task, datamodule=data, ckpt_path=checkpoints.best_model_path or None, verbose=False)
+        results.update({k.replace("/", "_"): float(v) for k, v in (tested[0] if tested else {}).items()})
+    if trainer.is_global_zero:
+        write_json_atomic(run_dir / cfg.run.results_file, results)
+        print(summary_line(results))
+    return results
+
+
+def summary_line(results: dict) -> str:
+    parts = [f"val loss {results['val_loss']:.4f}", f"val ppl {results['val_ppl']:.3f}"] \
+        if results.get("val_loss") is not None else ["no validation ran"]
+    if results.get("tokens_per_sec"):
+        parts.append(f"{results['tokens_per_sec']:,.0f} tokens/s")
+    parts += [f"{results['n_parameters']:,} params", f"{results['wall_seconds']:.0f} s"]
+    return "wavetrain: " + ", ".join(parts)
