@@ -154,8 +154,9 @@ class HFTextSource:
             if format_row is not None:
                 text = format_row(row, index)
             else:
-                if self.text_field not in row:
-                    raise DataError(f"row {index} has no field {self.text_field!r} (fields: {sorted(row)}): "
+                if row.get(self.text_field) is None:  # the json builder fills a missing field with None
+                    fields = sorted(k for k, v in row.items() if v is not None)
+                    raise DataError(f"row {index} has no field {self.text_field!r} (fields: {fields}): "
                                     f"set data.source.text_field to the field holding the text")
                 text = row[self.text_field]
             text = text.strip() if self.strip else text

@@ -1,0 +1,1 @@
+"""Post-training analyses of trained wavetrain models (diagnostics reports and plots)."""
