@@ -339,8 +339,9 @@ def test_fim_matches_formula_is_causal_and_leaves_its_norm_unused():
 
 
 def test_fim_temperature_init_alternates():
-    temperatures = [float(FieldInterference(DIM, 0.1, k).temperature()) for k in range(3)]
-    raws = [float(FieldInterference(DIM, 0.1, k).interference_temperature) for k in range(3)]
+    with torch.no_grad():
+        temperatures = [float(FieldInterference(DIM, 0.1, k).temperature()) for k in range(3)]
+        raws = [float(FieldInterference(DIM, 0.1, k).interference_temperature) for k in range(3)]
     assert raws == [-2.0, 0.5, -2.0]
     assert [round(t, 4) for t in temperatures] == [0.1769, 1.0241, 0.1769]
 
@@ -378,7 +379,7 @@ def test_coupling_interference_and_field_reports():
     coupling = diagnostics.coupling_report(model)
     assert len(coupling) == 2
     for report in coupling:
-        matrix = torch.tensor(report["matrix"])
+        matrix = torch.tensor(report["matrix"], dtype=torch.float64)
         torch.testing.assert_close(matrix.sum(-1), torch.ones(HEADS, dtype=torch.float64))
         assert report["cross_coupling"] == pytest.approx(float(matrix.sum() - matrix.trace()))
         assert report["strong"] == [] and report["active"] and report["diverse"]

@@ -42,6 +42,35 @@ class ThroughputMonitor(L.Callback):
         return sum(t for t, _ in windows) / sum(s for _, s in windows)
 
 
+class RunSummary(L.Callback):
+    """Writes the run's results.json when fitting ends, on global rank zero.
+
+    It runs inside the process that trained (with ddp_spawn that is a worker, whose step count and metrics the
+    launching process never sees), so it is the one place that knows the final state."""
+
+    def __init__(self, path: Path, checkpoints: L.Callback, throughput: ThroughputMonitor, static: dict) -> None:
+        self.path, self.checkpoints, self.throughput, self.static = path, checkpoints, throughput, static
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        best = self.checkpoints.best_model_score
+        write_json_atomic(self.path, {
+            "status": "done",
+            "val_loss": metrics.get("val/loss"),
+            "val_ppl": metrics.get("val/ppl"),
+            "val_acc": metrics.get("val/acc"),
+            "val_loss_batch_mean": metrics.get("val/loss_batch_mean"),
+            "best_val_loss": float(best) if best is not None else None,
+            "best_checkpoint": self.checkpoints.best_model_path or None,
+            "steps": trainer.global_step,
+            "tokens_per_sec": self.throughput.mean_tokens_per_sec(),
+            "n_parameters": pl_module.n_parameters,
+            **self.static,
+        })
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=2, default=str))

@@ -1,6 +1,7 @@
 """One training run from a composed config: data -> model -> Lightning Trainer -> results.json."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -13,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf
 
-from wavetrain.callbacks import ThroughputMonitor, write_json_atomic
+from wavetrain.callbacks import RunSummary, ThroughputMonitor, write_json_atomic
 from wavetrain.config import validate_config
 from wavetrain.data.datamodule import TextDataModule
 from wavetrain.lightning_module import LanguageModelTask
@@ -95,35 +96,25 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
                                   monitor="val/loss", mode="min", save_top_k=1, save_last=True,
                                   auto_insert_metric_name=False)
     throughput = ThroughputMonitor()
+    results_path = run_dir / cfg.run.results_file
+    summary = RunSummary(results_path, checkpoints, throughput, {
+        "vocab_size": vocab_size, "overrides": list(cfg.run.overrides), "choices": dict(cfg.run.choices)})
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args["precision"] = resolve_precision(cfg.trainer)
     trainer = L.Trainer(**trainer_args, max_epochs=-1, gradient_clip_val=cfg.optim.grad_clip or None,
-                        callbacks=[checkpoints, throughput], logger=build_loggers(cfg, run_dir),
+                        callbacks=[checkpoints, throughput, summary], logger=build_loggers(cfg, run_dir),
                         default_root_dir=str(run_dir))
     trainer.fit(task, datamodule=data, ckpt_path=find_resume_checkpoint(cfg, run_dir))
-    final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    results = {
-        "status": "done",
-        "val_loss": final.get("val/loss"),
-        "val_ppl": final.get("val/ppl"),
-        "val_acc": final.get("val/acc"),
-        "val_loss_batch_mean": final.get("val/loss_batch_mean"),
-        "best_val_loss": float(checkpoints.best_model_score) if checkpoints.best_model_score is not None else None,
-        "best_checkpoint": checkpoints.best_model_path or None,
-        "steps": trainer.global_step,
-        "tokens_per_sec": throughput.mean_tokens_per_sec(),
-        "wall_seconds": time.time() - started,
-        "n_parameters": task.n_parameters,
-        "vocab_size": vocab_size,
-        "overrides": list(cfg.run.overrides),
-        "choices": dict(cfg.run.choices),
-    }
+    if not trainer.is_global_zero:
+        return {}
+    results = json.loads(results_path.read_text())
     if cfg.run.test and len(data.splits["test"]) > cfg.seq_len:
-        tested = trainer.test(task, datamodule=data, ckpt_path=checkpoints.best_model_path or None, verbose=False)
+        best = results.get("best_checkpoint")
+        tested = trainer.test(task, datamodule=data, ckpt_path=best, verbose=False)
         results.update({k.replace("/", "_"): float(v) for k, v in (tested[0] if tested else {}).items()})
-    if trainer.is_global_zero:
-        write_json_atomic(run_dir / cfg.run.results_file, results)
-        print(summary_line(results))
+    results["wall_seconds"] = time.time() - started
+    write_json_atomic(results_path, results)
+    print(summary_line(results))
     return results
 
 

@@ -70,7 +70,7 @@ def kernel_summary(rows: Sequence[dict]) -> dict:
 
 @torch.no_grad()
 def coupling_report(model: nn.Module, strong_threshold: float = 0.15) -> list[dict]:
-    """Per layer: P = row-softmax(C), strong off-diagonal entries, total cross-coupling, diagonal, row entropy (§6.2)."""
+    """Per layer: P = row-softmax(C), strong off-diagonal entries, cross-coupling, diagonal, row entropy (§6.2)."""
     reports = []
     for layer, (name, module) in enumerate(_modules_of(model, WaveFieldAttention)):
         coupling = module.coupling().double()
@@ -226,7 +226,8 @@ def format_markdown(kernels: Sequence[dict] | None = None, coupling: Sequence[di
             strong = ", ".join(f"{r}←{s} {v:.3f}" for r, s, v in report["strong"]) or "none"
             parts.append(
                 f"### layer {report['layer']} ({report['module']})\n\n"
-                + _table(["recv \\ send", *map(str, range(heads))], [[h, *row] for h, row in enumerate(report["matrix"])])
+                + _table(["recv \\ send", *map(str, range(heads))],
+                         [[h, *row] for h, row in enumerate(report["matrix"])])
                 + f"\n\ncross-coupling {report['cross_coupling']:.4g} ({'active' if report['active'] else 'weak'}); "
                   f"mean diagonal {report['mean_diagonal']:.4g}; mean row entropy {report['mean_row_entropy']:.4g} "
                   f"of ln H = {report['max_entropy']:.4g} ({'diverse' if report['diverse'] else 'concentrated'}); "

@@ -207,9 +207,9 @@ class DwarfFieldAttention(nn.Module):
                                  f"is G = seq_len; set field_size=auto")
             return self.seq_len
         if field_size == "auto":
-            # Stride (G−1)/(N−1) ≥ 2 for every N ≤ seq_len keeps each token's two cells apart (spec §0).  The
-            # smallest G causal at N = seq_len alone (field_ops.auto_field_size) is not enough here: the stride
-            # grows as N shrinks and passes through leaking fractional values in (1, 2).
+            # The stride (G−1)/(N−1) changes with N, so the layout must be causal at every N ≤ seq_len, not only at
+            # N = seq_len (what field_ops.auto_field_size verifies).  G = 2·seq_len − 1 gives stride ≥ 2 at every N,
+            # which keeps each token's two cells below the next token's (spec §0); forward re-checks each new N.
             size = max(PUBLISHED_FIELD_SIZE, 2 * self.seq_len - 1)
         elif isinstance(field_size, int):
             size = field_size
@@ -574,13 +574,11 @@ class DwarfDyadicAttention(nn.Module):
             return prior.softmax(-1)
         return (self.q_scale_proj(q).to(dtype) + prior).softmax(-1)
 
-    def slot_weights(self, q: torch.Tensor, k: torch.Tensor, plan: _TapPlan
-                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Per-slot weights (B or 1, H, N or 1, T), the normaliser Z (qk_elu) and the offset-0 score (bypass).
-
-        Slot t at position i multiplies the value row i − o_t; zero-filled rows (i < o_t) add nothing to the
-        numerator but do enter Z / the softmax according to ``oob_mode``.
-        """
+    def _slot_weights(self, q: torch.Tensor, k: torch.Tensor, plan: _TapPlan
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        # Per-slot weights (B or 1, H, N or 1, T), the normaliser Z (qk_elu) and the offset-0 score (bypass).
+        # Slot t at position i multiplies the value row i − o_t; zero-filled rows (i < o_t) add nothing to the
+        # numerator but enter Z / the softmax as ``oob_mode`` says.
         dtype = _compute_dtype(q)
         qk = qk_slot = None
         if self.gather != "deposit":
@@ -605,10 +603,10 @@ class DwarfDyadicAttention(nn.Module):
             normaliser = (gains * coefficient.abs() * plan.include * feature).sum(-1, keepdim=True)
         return weights, normaliser, None if qk is None else qk[..., :1]
 
-    def offset_weights(self, q: torch.Tensor, k: torch.Tensor, plan: _TapPlan
-                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Weights per read offset (B or 1, H, N or 1, U) incl. the bypass, and the normaliser Z (or None)."""
-        weights, normaliser, self_score = self.slot_weights(q, k, plan)
+    def _offset_weights(self, q: torch.Tensor, k: torch.Tensor, plan: _TapPlan
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Weights per read offset (B or 1, H, N or 1, U) incl. the bypass, and the normaliser Z (or None).
+        weights, normaliser, self_score = self._slot_weights(q, k, plan)
         columns = len(plan.offsets)
         summed = weights.new_zeros(*weights.shape[:-1], columns + 1)
         per_offset = summed.index_add(-1, plan.slot_column, weights)[..., :columns]
@@ -620,12 +618,33 @@ class DwarfDyadicAttention(nn.Module):
                 normaliser = normaliser + bypass
         return per_offset, normaliser
 
+    def tap_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Slot weights (B or 1, H, N or 1, T) for input x, in slot order, and the normaliser Z (qk_elu; else None).
+
+        Softmax gathers: the attention probabilities (rows sum to 1). D4 gathers: g·h'·feature before division by
+        Z, without the identity bypass. For analysis and the spec §7 invariants.
+        """
+        q, k, _ = _split_heads(self.qkv, x, self.n_heads)
+        weights, normaliser, _ = self._slot_weights(q, k, self._plan(x.shape[1], x.device))
+        return weights, normaliser
+
+    def offset_weights(self, x: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """Effective weight of each read offset, (offsets, (B or 1, H, N or 1, U)): duplicate slots summed, the
+        bypass added at offset 0 and, for qk_elu, divided by Z + 1e-6. The weight output i gives row i − offset
+        before the long skips, the head coupling and the gate."""
+        q, k, _ = _split_heads(self.qkv, x, self.n_heads)
+        plan = self._plan(x.shape[1], x.device)
+        weights, normaliser = self._offset_weights(q, k, plan)
+        if normaliser is not None:
+            weights = weights / (normaliser + NORMALISER_EPS)
+        return plan.offsets, weights
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, n, dim = x.shape
         plan = self._plan(n, x.device)
         q, k, v = _split_heads(self.qkv, x, self.n_heads)
         values = v * k.norm(dim=-1, keepdim=True) if self.gather == "deposit" else v
-        weights, normaliser = self.offset_weights(q, k, plan)
+        weights, normaliser = self._offset_weights(q, k, plan)
         rows = shifted_rows(values, plan.offsets, plan.shift_index)           # (B, H, N, U, C)
         mixed = (weights.to(rows.dtype).unsqueeze(-2) @ rows).squeeze(-2)     # (B, H, N, C)
         if normaliser is not None:

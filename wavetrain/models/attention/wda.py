@@ -152,14 +152,15 @@ def causal_linear_attention(query_features: torch.Tensor, key_features: torch.Te
     return out.flatten(2, 3)[:, :, :length]
 
 
-def _lag_to_position(lagged: torch.Tensor) -> torch.Tensor:
-    """(…, N, N) indexed [t, d] (query position, lag) → lower-triangular (…, N, N) indexed [t, j] with
-    out[t, j] = lagged[t, t − j] for j ≤ t and 0 for j > t.
+def _reversed_lags_to_position(reversed_lags: torch.Tensor) -> torch.Tensor:
+    """(…, N, N+1) indexed [t, e] holding lag d = N−1−e (column N never read) → lower-triangular (…, N, N)
+    indexed [t, j]: out[t, j] = kernel_t(t − j) for j ≤ t, 0 for j > t.
 
-    Pure flip/pad/reshape (no gather, so no scatter in the backward pass): after flipping the lag axis and
-    padding one column, the flat index of out[t, j] is (N − 1) + t·N + j."""
-    n = lagged.shape[-1]
-    flat = F.pad(lagged.flip(-1), (0, 1)).flatten(-2)
+    No gather (so no scatter in the backward pass): the flat index of [t, e = N−1−t+j] is t·(N+1) + N−1−t+j =
+    (N−1) + t·N + j, so the [t, j] matrix is a contiguous slice of the flattened input; entries j > t read the
+    pad column or the next row and are zeroed."""
+    n = reversed_lags.shape[-2]
+    flat = reversed_lags.flatten(-2)
     return flat[..., n - 1:n - 1 + n * n].unflatten(-1, (n, n)).tril()
 
 
@@ -359,18 +360,14 @@ class WaveDensityAttention(nn.Module):
         with torch.no_grad():
             return _sum_over_sample_chunks(kernel, noise, self.step_alpha, derivative=False) / noise.shape[-2]
 
-    def _lag_density(self, weights: torch.Tensor, masks: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-        """Per-position density kernels in lag layout, (B, H, T, L) [t, d], window applied."""
+    def _kernel_density(self, weights: torch.Tensor, masks: torch.Tensor, window: torch.Tensor,
+                        noise: torch.Tensor | None) -> torch.Tensor:
+        """Per-position density kernels (B, H, T, L): g·ρ(Σ_m w̃_{t,m} M_m) (prefix, full) or Σ_m w̃_{t,m} g·ρ(M_m)
+        (prefix_mixdens).  masks (H, M, L), window (L,) and noise (B, H, n, L) share one lag axis, in any order."""
         if self.gate_pooling == "prefix_mixdens":
-            per_mask = self._per_mask_density(masks, noise)
+            per_mask = self._density(masks.unsqueeze(0), noise) * window
             return torch.einsum("bthm,bhml->bhtl", weights, per_mask.expand(weights.shape[0], -1, -1, -1))
-        window = distance_window(self._lags(masks.shape[-1], masks.dtype), self.seq_len, self.window_sigma_frac)
         return self._density(torch.einsum("bthm,hml->bhtl", weights, masks), noise) * window
-
-    def _per_mask_density(self, masks: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-        """g(d)·ρ(M_m(d)) for every mask, (B or 1, H, M, L): the prefix_mixdens building blocks (§2.8)."""
-        window = distance_window(self._lags(masks.shape[-1], masks.dtype), self.seq_len, self.window_sigma_frac)
-        return self._density(masks.unsqueeze(0), noise) * window
 
     def density_kernels(self, x: torch.Tensor) -> torch.Tensor:
         """The density kernel each position applies, (B, H, N, N) indexed [t, d]: D_t(d) for d ≤ t, 0 for d > t
@@ -379,10 +376,11 @@ class WaveDensityAttention(nn.Module):
         length = x.shape[1]
         self._check_length(length)
         weights = self.mixture_weights(x)
-        masks = self.render_masks(length)
-        noise = self._threshold_noise(x.shape[0], length, masks.dtype)
+        masks = self.render_masks(length).to(weights.dtype)
+        noise = self._threshold_noise(x.shape[0], length, weights.dtype)
+        window = distance_window(self._lags(length, weights.dtype), self.seq_len, self.window_sigma_frac)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            kernels = self._lag_density(weights, masks, noise)
+            kernels = self._kernel_density(weights, masks, window, noise)
             return kernels.expand(-1, -1, length, -1).tril()
 
     def mask_densities(self) -> torch.Tensor:
@@ -436,14 +434,17 @@ class WaveDensityAttention(nn.Module):
             v = values.to(compute).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B,H,N,hd)
             km = key_gate.to(compute).transpose(1, 2).unsqueeze(-1)  # (B, H, N, 1)
             stacked = torch.cat([km, km * v], dim=-1)  # Z_t = [km_t, km_t·v_t], (B, H, N, 1 + hd)
+            window = distance_window(self._lags(length, compute), self.seq_len, self.window_sigma_frac)
             if self.gate_pooling == "prefix":
-                lower = _lag_to_position(self._lag_density(weights, masks, noise))  # A[t, j] = D_t(t − j)
-                convolved = lower @ stacked
+                # lag axis reversed and padded with one never-read column: the skew to [t, j] is then a reshape
+                reverse = (lambda lagged: None if lagged is None else F.pad(lagged.flip(-1), (0, 1)))
+                reversed_kernels = self._kernel_density(weights, reverse(masks), reverse(window), reverse(noise))
+                convolved = _reversed_lags_to_position(reversed_kernels) @ stacked  # Σ_j D_t(t − j)·Z_j
             elif self.gate_pooling == "full":
-                kernel = self._lag_density(weights, masks, noise)  # (B, H, 1, N)
+                kernel = self._kernel_density(weights, masks, window, noise)  # (B, H, 1, N)
                 convolved = causal_fft_conv(stacked.transpose(-1, -2), kernel).transpose(-1, -2)
             else:
-                per_mask = self._per_mask_density(masks, noise).unsqueeze(-2)  # (B|1, H, M, 1, N)
+                per_mask = (self._density(masks.unsqueeze(0), noise) * window).unsqueeze(-2)  # (B|1, H, M, 1, N)
                 per_mask_out = causal_fft_conv(stacked.transpose(-1, -2).unsqueeze(2), per_mask)  # (B,H,M,C,N)
                 convolved = torch.einsum("bthm,bhmct->bhtc", weights, per_mask_out)
             context = convolved[..., 1:] / (convolved[..., :1] + NORMALISER_EPS)

@@ -1,0 +1,531 @@
+"""DWARF attention family (wavetrain/models/attention/dwarf.py): spec dwarf.md §7 invariants T1–T9 per condition,
+fast path = naive reference in fp64 (outputs and gradients), init values, shapes and parameter counts."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from causality import assert_causal, dependency_matrix, max_future_influence  # noqa: E402
+
+from wavetrain.models import field_ops  # noqa: E402
+from wavetrain.models.attention import dwarf as dw  # noqa: E402
+
+FIELD = [name for name, c in dw.CONDITIONS.items() if c["class"] is dw.DwarfFieldAttention]
+DYADIC = [name for name, c in dw.CONDITIONS.items() if c["class"] is dw.DwarfDyadicAttention]
+ALL = list(dw.CONDITIONS)
+U24 = [0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072]
+O44 = sorted(set(range(33)) | {48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536})
+O74 = sorted(set(range(65)) | {96, 128, 192, 256, 384, 512, 768, 1024, 1536})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """These small fp64 problems run fastest on one thread; extra OpenMP threads only contend on a loaded CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def shell_init(module: nn.Module, std: float = 0.02) -> nn.Module:
+    """What the model shell does: N(0, std²) Linear weights, zero biases, then post_init() (spec §1 init pass)."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.normal_(sub.weight, 0.0, std)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+    for sub in module.modules():
+        if hasattr(sub, "post_init"):
+            sub.post_init()
+    return module
+
+
+def build(name: str, dim: int = 32, heads: int = 4, seq_len: int = 80, std: float = 0.3, layer_idx: int = 0,
+          n_layers: int = 1, **override) -> nn.Module:
+    """A condition at test size in fp64. Linear weights get a large std so scores and gates are far from their
+    init-time near-constants (the invariants must hold for any weights); stretch-layout fields use G = 2·seq_len."""
+    torch.manual_seed(0)
+    condition = dw.CONDITIONS[name]
+    options = dict(condition["options"], **override)
+    if condition["class"] is dw.DwarfFieldAttention and options.get("field_layout") == "stretch":
+        options.setdefault("field_size", 2 * seq_len)
+    module = condition["class"](dim=dim, n_heads=heads, seq_len=seq_len, layer_idx=layer_idx, n_layers=n_layers,
+                                **options)
+    shell_init(module, std)
+    return module.double().eval()
+
+
+def reference(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, dw.DwarfFieldAttention):
+        return dw.dwarf_field_reference(module, x)
+    if isinstance(module, dw.DwarfDyadicAttention):
+        return dw.dwarf_dyadic_reference(module, x)
+    return dw.dwarf_full_attention_reference(module, x)
+
+
+def randn(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def expose_mixing(module: nn.Module) -> nn.Module:
+    """Gate ≡ 1 (σ(40) rounds to 1 in fp32 and fp64) and out_proj = identity: module(x) is the mixed per-head
+    output itself (spec §7 T2: 'set the gate to a constant, e.g. by stubbing')."""
+    with torch.no_grad():
+        module.gate_proj.weight.zero_()
+        module.gate_proj.bias.fill_(40.0)
+        module.out_proj.weight.copy_(torch.eye(module.out_proj.weight.shape[0]))
+        module.out_proj.bias.zero_()
+    return module
+
+
+def dependency_rows(module: nn.Module, x: torch.Tensor, rows: list[int]) -> dict[int, set[int]]:
+    """Exact read set {j : ∂y_i/∂x_j ≠ 0} of a few output rows i (the per-row step of causality.dependency_matrix,
+    same random-probe gradient, without computing all N rows)."""
+    sets = {}
+    for i in rows:
+        xi = x.detach().clone().requires_grad_(True)
+        y = module(xi)
+        probe = torch.randn(y.shape[0], y.shape[2], dtype=y.dtype, generator=torch.Generator().manual_seed(i))
+        (grad,) = torch.autograd.grad((y[:, i] * probe).sum(), xi)
+        sets[i] = set(grad.abs().sum(dim=(0, 2)).nonzero().flatten().tolist())
+    return sets
+
+
+def expected_offsets(name: str) -> list[int]:
+    """Read offsets of each dyadic condition (spec §7 T2); condH adds its skips on the propagated field."""
+    if name in ("condN", "condM"):
+        return O44
+    if name == "condP":
+        return O74
+    if name == "condH":
+        return sorted(set(U24) | {d + o for d in (512, 1024) for o in U24})
+    return U24
+
+
+# ------------------------------------------------------------------------------------------------ fast == reference
+
+@pytest.mark.parametrize("name", ALL + ["condH_long"])
+def test_fast_path_equals_reference_fp64_with_gradients(name):
+    if name == "condH_long":     # N beyond both long skips (512, 1024), so they take part
+        module, x = build("condH", dim=16, heads=2, seq_len=1100), randn(1, 1100, 16)
+    else:
+        module, x = build(name, seq_len=40), randn(2, 40, 32)
+    x.requires_grad_(True)
+    y_fast = module(x)
+    y_ref = reference(module, x)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-10, atol=1e-12)
+    probe = randn(*y_fast.shape, seed=2)
+    params = [p for p in module.parameters()]
+    grads_fast = torch.autograd.grad((y_fast * probe).sum(), [x, *params], allow_unused=True)
+    grads_ref = torch.autograd.grad((y_ref * probe).sum(), [x, *params], allow_unused=True)
+    names = ["x"] + [n for n, _ in module.named_parameters()]
+    for label, fast, ref, value in zip(names, grads_fast, grads_ref, [x, *params]):
+        # a parameter one path never touches (condH's skips at N ≤ 512) has None there and zeros in the other
+        fast = torch.zeros_like(value) if fast is None else fast
+        ref = torch.zeros_like(value) if ref is None else ref
+        torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-11, msg=lambda m: f"{label}: {m}")
+
+
+@pytest.mark.parametrize("name", ["condA", "condB", "condC", "condD", "condF"])
+def test_field_kernels_match_spec_formula(name):
+    module = build(name, seq_len=40)
+    torch.testing.assert_close(module.kernels(), dw.dwarf_field_kernel_reference(module), rtol=1e-10, atol=1e-13)
+    if not module.dispersion:
+        assert torch.allclose(module.kernels().abs().sum(-1), torch.ones(4, dtype=torch.float64))
+
+
+def test_dispersion_truncation_is_live_and_convolution_linear():
+    """condB (spec §3.B, §7 T1): the rotated spectrum has energy at t ≥ G (negative lags) that must be cut, and the
+    conv of the kept kernel is the linear causal sum (no wrap)."""
+    module = build("condB", seq_len=40)
+    size = module.field_size
+    base = dw.DwarfFieldAttention(dim=32, n_heads=4, seq_len=40, field_size=size).double()
+    with torch.no_grad():
+        for attr in ("wave_frequency", "wave_damping", "wave_phase"):
+            getattr(base, attr).copy_(getattr(module, attr))
+        kernel = base.kernels()
+        spectrum = torch.fft.rfft(kernel, n=2 * size)
+        phase = 2 * math.pi * module.wave_dispersion[:, None] * (torch.arange(size + 1) / size) ** 2
+        full = torch.fft.irfft(spectrum * torch.polar(torch.ones_like(phase), phase), n=2 * size)
+    assert full[:, size:].abs().max() > 1e-3
+    torch.testing.assert_close(module.kernels(), full[:, :size])
+    signal = randn(3, 4, size)
+    torch.testing.assert_close(field_ops.causal_fft_conv(signal, module.kernels()[None]),
+                               field_ops.causal_conv_reference(signal, module.kernels()[None]))
+
+
+def test_full_attention_matches_standard_sdpa_path():
+    module = build("condM_full", seq_len=40)
+    x = randn(2, 40, 32)
+    torch.testing.assert_close(module(x), dw.dwarf_full_attention_reference(module, x))
+
+
+# ------------------------------------------------------------------------------------------------ T1 causality
+
+@pytest.mark.parametrize("name", ALL)
+def test_t1_module_causality_fp64(name):
+    """Perturbing x[:, p:] never changes y[:, :p] (N fixed: A–D's stride depends on N)."""
+    module = build(name, seq_len=40)
+    assert_causal(module, n=40, dim=32)
+
+
+@pytest.mark.parametrize("name", FIELD + ["condM_full"])
+def test_t1_gradient_causality(name):
+    """∂y_i/∂x_j = 0 for j > i: exactly for SDPA, to fp64 FFT round-off (1e-15 of the causal entries) for fields."""
+    dep = dependency_matrix(build(name, seq_len=24), randn(1, 24, 32))
+    assert dep.triu(1).max() <= 1e-13 * dep.max()
+    assert (dep.diagonal() > 0).all()
+
+
+@pytest.mark.parametrize("name", ["condA", "condD"])
+def test_t1_published_field_size_causal_at_n_2048(name):
+    """G = 4096 (the published condA–D field) at N = 2048: stride 4095/2047 ≥ 2, probed at the last cut points
+    where the clamp to G − 2 sits (spec §3.A)."""
+    module = build(name, dim=16, heads=2, seq_len=2048, field_size="auto")
+    assert module.field_size == 4096
+    x = randn(1, 2048, 16)
+    assert max_future_influence(module, x, positions=[1, 1000, 2046, 2047]) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["condE", "condF"])
+def test_t1_reference_layout_of_e_f_leaks(name):
+    """The published E/F layout (G = seq_len stretched over N = seq_len − 1: stride in (1, 2)) reads token i+1 at
+    token i (spec §0); the default stride1 layout of the same condition is causal."""
+    leaky = build(name, seq_len=64, field_layout="reference")
+    x = randn(1, 63, 32)
+    stride = field_ops.field_stride(leaky.field_size, 63)
+    assert 1 < stride < 2
+    assert max_future_influence(leaky, x, positions=list(range(1, 63))) > 1e-3
+    with pytest.raises(ValueError, match="breaks causality"):
+        field_ops.check_field_causality(leaky.field_size, 63)
+    # at N = seq_len the stride is exactly 1 and only the clamped last token leaks (spec §0)
+    x_full = randn(1, 64, 32)
+    assert max_future_influence(leaky, x_full, positions=[63]) > 1e-3
+    assert max_future_influence(leaky, x_full, positions=list(range(1, 63))) < 1e-12
+    valid = build(name, seq_len=64)
+    assert valid.field_size == 65 and valid.field_layout == "stride1"
+    assert max_future_influence(valid, x_full) < 1e-12
+
+
+def test_field_size_auto_and_guards():
+    """auto keeps G = 4096 up to seq_len 2048 and grows to 2·seq_len − 1 beyond (stride ≥ 2 at every N);
+    unsafe explicit sizes and over-long inputs raise."""
+    assert dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=2048).field_size == 4096
+    assert dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=2049).field_size == 4097
+    long_module = dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=16384)
+    assert long_module.field_size == 32767
+    for n in (2, 3, 100, 8191, 8192, 12000, 16383, 16384):
+        field_ops.check_field_causality(32767, n)
+    with pytest.raises(ValueError, match="field_size=4096"):
+        dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=2049, field_size=4096)
+    module = build("condA", seq_len=40)
+    with pytest.raises(ValueError, match="seq_len=40"):
+        module(randn(1, 41, 32))
+    with pytest.raises(ValueError, match="stride1"):
+        dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=64, field_layout="stride1", field_size=128)
+
+
+def test_stretch_layout_every_length_causal_for_auto_size():
+    seq_len = 600
+    size = dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=seq_len).field_size
+    for n in range(1, seq_len + 1):
+        field_ops.check_field_causality(size, n)
+
+
+# ------------------------------------------------------------------------------------------------ T2 dependency sets
+
+@pytest.mark.parametrize("name", [n for n in DYADIC if n not in ("condK_rp", "condM")])
+def test_t2_exact_dependency_set_small_n(name):
+    """Every row of the dependency matrix at N = 70: output i reads exactly i − o for o in the offset set."""
+    module = expose_mixing(build(name, seq_len=70))
+    dep = dependency_matrix(module, randn(1, 70, 32))
+    offsets = expected_offsets(name)
+    expected = torch.zeros(70, 70, dtype=torch.bool)
+    for i in range(70):
+        expected[i, [i - o for o in offsets if o <= i]] = True
+    assert torch.equal(dep != 0, expected)
+
+
+@pytest.mark.parametrize("name", [n for n in DYADIC if n not in ("condK_rp", "condM")])
+def test_t2_exact_dependency_set_beyond_3072(name):
+    """Rows 3100 and 3500 of N = 3584 (D = 16): the read set is exactly i − (offset set ∩ [0, i]), with 3072 in
+    range for the dyadic sets (spec §7 T2)."""
+    module = build(name, dim=16, heads=2, seq_len=3584)
+    rows = dependency_rows(module, randn(1, 3584, 16), [3100, 3500])
+    for i, read in rows.items():
+        assert read == {i - o for o in expected_offsets(name) if o <= i}, name
+
+
+def test_t2_full_attention_reads_every_earlier_position():
+    rows = dependency_rows(build("condM_full", dim=16, heads=2, seq_len=3584), randn(1, 3584, 16), [3100])
+    assert rows[3100] == set(range(3101))
+
+
+# ------------------------------------------------------------------------------------------------ T3 coverage
+
+def test_t3_dyadic_coverage():
+    slots = dw.dyadic_slots()
+    assert len(slots) == 44 and [4 * j + tau for j, tau, _ in slots] == list(range(44))
+    offsets = [o for _, _, o in slots]
+    assert sorted(set(offsets)) == U24 == dw.dyadic_unique_offsets() and max(offsets) == 3072
+    counts = {o: offsets.count(o) for o in U24}
+    assert counts[0] == 11 and counts[1] == 1 and counts[2048] == 1
+    assert all(counts[2 ** m] == 2 for m in range(1, 11))
+    assert all(counts[3 * 2 ** j] == 1 for j in range(11))
+    assert sum(counts.values()) == 44
+    assert dw.dense_dyadic_offsets(32, 1536) == O44 and len(O44) == 44
+    assert dw.dense_dyadic_offsets(64, 1536) == O74 and len(O74) == 74
+
+
+# ------------------------------------------------------------------------------------------------ T4 normaliser
+
+@pytest.mark.parametrize("name", ["condK", "condK_rp"])
+def test_t4_normaliser_positive(name):
+    module = build(name, seq_len=70).float()
+    for sign in (1.0, -1.0):
+        with torch.no_grad():
+            module.qkv.weight[:32].mul_(sign * 3.0)      # scale q: |q·k| in the tens, both signs
+        x = torch.randn(2, 70, 32, generator=torch.Generator().manual_seed(3))
+        _, normaliser = module.tap_weights(x)
+        q, k, _ = dw._split_heads(module.qkv, x, module.n_heads)
+        assert (q @ k.transpose(-1, -2)).min() < -20
+        assert (normaliser > 0).all()
+        assert torch.isfinite(module(x)).all()
+
+
+# ------------------------------------------------------------------------------------------------ T5 OPWF
+
+def _opwf(module: dw.DwarfDyadicAttention, x: torch.Tensor) -> torch.Tensor:
+    """q_i @ Σ_{j,τ} g_{i,j} h_τ (k_{i−o} ⊗ v_{i−o}) + Σ g h b_t v_{i−o} + β (q_i·k_i) v_i, outer products explicit."""
+    batch, n, dim = x.shape
+    q, k, v = dw._split_heads(module.qkv, x, module.n_heads)
+    gains = (module.q_scale_proj(q) + module.scale_gain.t()[None, :, None, :]).softmax(-1)
+    out = torch.zeros_like(v)
+    for i in range(n):
+        state = torch.zeros(batch, module.n_heads, module.head_dim, module.head_dim, dtype=x.dtype)
+        bias_term = torch.zeros(batch, module.n_heads, module.head_dim, dtype=x.dtype)
+        for slot, (scale, tap, offset) in enumerate(dw.dyadic_slots()):
+            if offset > i:
+                continue
+            weight = gains[:, :, i, scale, None] * dw.D4_COEFFICIENTS[tap]
+            state = state + weight[..., None] * k[:, :, i - offset, :, None] * v[:, :, i - offset, None, :]
+            if hasattr(module, "pos_bias"):
+                bias_term = bias_term + weight * module.pos_bias[slot][None, :, None] * v[:, :, i - offset]
+        beta = nn.functional.softplus(module.identity_bypass)[None, :, None]
+        self_term = beta * (q[:, :, i] * k[:, :, i]).sum(-1, keepdim=True) * v[:, :, i]
+        out[:, :, i] = (q[:, :, i, None, :] @ state).squeeze(-2) + bias_term + self_term
+    return out.transpose(1, 2).reshape(batch, n, dim)
+
+
+@pytest.mark.parametrize("variant", ["condJ", "condK_linear"])
+def test_t5_opwf_equality(variant):
+    """condJ's factored Q·K gather = the explicit outer-product field (fp32, 1e-5); condK with φ = identity and no
+    normaliser (gather=qk_linear, keeping its pos_bias, here random) likewise (spec §7 T5)."""
+    override = {"gather": "qk_linear"} if variant == "condK_linear" else {}
+    module = expose_mixing(build("condJ" if variant == "condJ" else "condK", dim=16, heads=2, seq_len=64,
+                                 **override)).float()
+    if hasattr(module, "pos_bias"):
+        with torch.no_grad():
+            module.pos_bias.normal_(0.0, 0.5)
+    x = torch.randn(2, 64, 16, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(module(x), _opwf(module, x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ T6 softmax rows
+
+@pytest.mark.parametrize("name", ["condL", "condL_rp", "condN", "condP"])
+def test_t6_softmax_rows(name):
+    module = build(name, seq_len=70)
+    weights, normaliser = module.tap_weights(randn(2, 70, 32))
+    assert normaliser is None
+    torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights[..., 0]))
+    offsets = torch.tensor(module.slot_offsets)
+    future = torch.arange(70)[:, None] < offsets[None, :]            # (N, T): key i − o does not exist
+    if name in ("condN", "condP"):
+        assert (weights[:, :, future] == 0).all()                   # mask: exactly 0
+    else:
+        assert (weights[:, :, future] > 0).all()                    # zero_key: the slot stays, score = pos_bias
+        assert (offsets >= 70).any()
+
+
+def test_oob_modes_differ_only_where_keys_are_missing():
+    """spec §6 D7: skip drops slots with offset ≥ N, zero_key keeps them (score = bias), mask drops every i < o."""
+    x = randn(1, 40, 32)
+    outputs = {mode: build("condK", seq_len=40, oob_mode=mode)(x) for mode in ("skip", "zero_key", "mask")}
+    for a, b in (("skip", "zero_key"), ("skip", "mask"), ("zero_key", "mask")):
+        assert (outputs[a] - outputs[b]).abs().max() > 1e-6
+    # mask reads no zero-filled key, so its output does not depend on N (prefix consistency)
+    masked = build("condK", seq_len=40, oob_mode="mask")
+    torch.testing.assert_close(masked(x[:, :20]), masked(x)[:, :20])
+    # skip (the published condK) keeps φ(pos_bias) of zero-filled in-range slots in Z, so y_i depends on N
+    skipped = build("condK", seq_len=40)
+    assert (skipped(x[:, :20]) - skipped(x)[:, :20]).abs().max() > 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ T7 init values
+
+def test_t7_init_values():
+    six = [build("condK", dim=256, heads=8, seq_len=64, std=0.02, layer_idx=layer, n_layers=6) for layer in range(6)]
+    k0, k5 = six[0], six[5]
+    torch.testing.assert_close(nn.functional.softplus(k0.identity_bypass),
+                               torch.full((8,), 0.018149, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert (k0.scale_gain[:4] == 0.5).all() and (k0.scale_gain[4:] == 0).all()
+    assert (k5.scale_gain[8:] == 0.5).all() and (k5.scale_gain[:8] == 0).all()
+    torch.testing.assert_close(six[2].scale_gain[:4], torch.full((4, 8), 0.3, dtype=torch.float64))
+    assert 0.006 < float(k0.q_scale_proj.weight.std()) < 0.014               # N(0, 0.01) after the init pass
+    assert (k0.pos_bias == 0).all() and k0.pos_bias.shape == (44, 8)
+    condn = build("condN", dim=256, heads=8, seq_len=64, std=0.02)
+    assert math.isclose(float(condn.pos_bias[1, 7]), -2 * math.log(2), rel_tol=1e-6)
+    assert math.isclose(float(condn.pos_bias[1, 0]), -0.2 * math.log(2), rel_tol=1e-6)
+    lrp = build("condL_rp", dim=256, heads=8, seq_len=64, std=0.02)
+    assert lrp.slot_offsets == U24
+    assert abs(float(lrp.pos_bias[1, 3]) - 0.300) < 1e-6 and abs(float(lrp.pos_bias[23, 3]) + 0.300) < 1e-6
+    assert (lrp.pos_bias == lrp.pos_bias[:, :1]).all()
+    h = build("condH", dim=256, heads=8, seq_len=64, std=0.02)
+    assert (h.long_skip_weight == -4).all() and h.long_skips == [512, 1024]
+    coupling = build("condG", dim=256, heads=8, seq_len=64, std=0.02).field_coupling
+    assert (coupling - torch.eye(8, dtype=torch.float64)).abs().max() < 0.06
+
+
+@pytest.mark.parametrize("name, bias", [("condA", 0.0), ("condE", 0.0), ("condG", 0.0), ("condH", 2.0),
+                                        ("condI", 0.0), ("condJ", 0.0), ("condK", 0.0), ("condL", 0.0),
+                                        ("condL_rp", 0.0), ("condN", 2.0), ("condP", 2.0), ("condM_full", 2.0)])
+def test_t7_effective_gate_bias(name, bias):
+    """The gate bias that survives the shell's init pass (spec §6 D1): 2.0 only in H, M, N, P."""
+    module = build(name, seq_len=64, std=0.02)
+    assert (module.gate_proj.bias == bias).all()
+
+
+def test_t7_field_inits():
+    a = build("condA", dim=256, heads=8, seq_len=64, std=0.02)
+    close = dict(rtol=1e-6, atol=1e-7)           # parameters are created in fp32
+    torch.testing.assert_close(a.wave_frequency, 10 ** (-1 + 2 * torch.arange(8, dtype=torch.float64) / 7), **close)
+    torch.testing.assert_close(a.wave_damping, torch.linspace(-2, 0, 8, dtype=torch.float64), **close)
+    torch.testing.assert_close(a.wave_phase, torch.arange(8, dtype=torch.float64) * 2 * math.pi / 8, **close)
+    f = build("condF", dim=256, heads=8, seq_len=64, std=0.02)
+    torch.testing.assert_close(f.wave_damping, torch.linspace(-8, -1, 8, dtype=torch.float64), **close)
+    assert f.damping_floor == 0.001
+    assert (build("condB", dim=256, heads=8, seq_len=64).wave_dispersion == 1).all()
+    c = build("condC", dim=256, heads=8, seq_len=64, std=0.02)
+    centres = torch.linspace(0, 11, 8, dtype=torch.float64)[:, None]
+    expected = torch.exp(-0.5 * ((torch.arange(12, dtype=torch.float64)[None] - centres) / 3) ** 2) + 0.5
+    torch.testing.assert_close(c.wavelet_gains, expected, **close)
+    for layer in (0, 3, 5):
+        d = build("condD", dim=256, heads=8, seq_len=64, std=0.02, layer_idx=layer, n_layers=6)
+        assert math.isclose(d.wavelet_gains.mean().item(), 0.458 * 0.864 ** layer, rel_tol=1e-6)
+        torch.testing.assert_close(d.wavelet_gains / d.wavelet_gains[0, 0], expected / expected[0, 0], **close)
+        torch.testing.assert_close(d.kdv_alpha, torch.full((8,), 0.05, dtype=torch.float64), **close)
+
+
+# ------------------------------------------------------------------------------------------------ T8 shapes
+
+SHAPES = {
+    "condA": {"wave_frequency": (8,), "wave_damping": (8,), "wave_phase": (8,), "field_coupling": (8, 8)},
+    "condB": {"wave_dispersion": (8,), "field_coupling": (8, 8)},
+    "condC": {"wavelet_gains": (8, 12), "field_coupling": (8, 8)},
+    "condD": {"wavelet_gains": (8, 12), "kdv_alpha": (8,), "field_coupling": (8, 8)},
+    "condG": {"scale_gain": (11, 8), "field_coupling": (8, 8)},
+    "condH": {"scale_gain": (11, 8), "field_coupling": (8, 8), "long_skip_weight": (2,)},
+    "condI": {"scale_gain": (11, 8), "q_scale_proj.weight": (11, 32), "field_coupling": (8, 8)},
+    "condJ": {"scale_gain": (11, 8), "q_scale_proj.weight": (11, 32), "identity_bypass": (8,)},
+    "condK": {"scale_gain": (11, 8), "q_scale_proj.weight": (11, 32), "identity_bypass": (8,), "pos_bias": (44, 8)},
+    "condL": {"pos_bias": (44, 8)},
+    "condL_rp": {"pos_bias": (24, 8)},
+    "condN": {"pos_bias": (44, 8)},
+    "condP": {"pos_bias": (74, 8)},
+}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_t8_shapes(name):
+    condition = dw.CONDITIONS[name]
+    module = condition["class"](dim=256, n_heads=8, seq_len=64, **condition["options"])
+    params = dict(module.named_parameters())
+    for param, shape in SHAPES.get(name, {}).items():
+        assert tuple(params[param].shape) == shape, param
+    assert module(torch.randn(2, 37, 256)).shape == (2, 37, 256)
+
+
+# ------------------------------------------------------------------------------------------------ T9 parameter counts
+
+BASE = 197_376 + 65_792 + 65_792          # qkv + out_proj + gate_proj (spec §1 building blocks)
+ATTENTION_PARAMS = {
+    "condA": BASE + 24 + 64, "condE": BASE + 24 + 64, "condF": BASE + 24 + 64,
+    "condB": BASE + 24 + 64 + 8,
+    "condC": BASE + 96 + 64, "condD": BASE + 96 + 64 + 8,
+    "condG": BASE + 88 + 64, "condH": BASE + 88 + 64 + 2,
+    "condI": BASE + 88 + 64 + 352, "condJ": BASE + 88 + 352 + 8,
+    "condK": BASE + 88 + 352 + 8 + 352, "condK_rp": BASE + 88 + 352 + 8 + 352,
+    "condL": BASE + 352, "condL_rp": BASE + 192, "condN": BASE + 352, "condM": BASE + 352, "condP": BASE + 592,
+    "condM_full": BASE,
+}
+# spec §1 table (13M models): token embedding + position rows + final LN + 6 × (LN1+LN2+FFN) + pooling units
+MODEL_PARAMS = {"condA": 13_326_352, "condB": 13_326_400, "condC": 13_326_784, "condD": 13_326_832,
+                "condE": 14_115_344, "condF": 14_115_344, "condG": 14_115_728, "condI": 14_117_840,
+                "condJ": 14_117_504, "condK": 13_855_424, "condK_rp": 14_119_616, "condL": 13_852_736,
+                "condL_rp": 14_115_968, "condM": 13_984_480, "condN": 14_116_928, "condP": 14_118_368}
+
+
+def _count(name: str) -> int:
+    condition = dw.CONDITIONS[name]
+    module = condition["class"](dim=256, n_heads=8, seq_len=2048, **condition["options"])
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_t9_attention_parameter_count(name):
+    assert _count(name) == ATTENTION_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", list(MODEL_PARAMS))
+def test_t9_model_totals_from_building_blocks(name):
+    """The spec's 13M totals follow from these modules plus the shell blocks of CONDITION_SHELLS."""
+    shell = dw.CONDITION_SHELLS[name]
+    rows = 0 if shell["shell"] == "1.A" else 2050
+    blocks = [_count(shell.get("layer_attention", {}).get(b, name)) for b in range(6)]
+    total = 8_192_000 + rows * 256 + 512 + 6 * (1_024 + 525_568) + 132_096 * len(shell["pooling_blocks"])
+    assert total + sum(blocks) == MODEL_PARAMS[name]
+
+
+# ------------------------------------------------------------------------------------------------ dtypes, options
+
+@pytest.mark.parametrize("name", ["condA", "condB", "condD", "condE", "condH", "condK", "condL", "condP",
+                                  "condM_full"])
+def test_bf16_autocast_close_to_fp32(name):
+    condition = dw.CONDITIONS[name]
+    options = dict(condition["options"])
+    torch.manual_seed(0)
+    module = condition["class"](dim=32, n_heads=4, seq_len=64, **options).eval()
+    x = torch.randn(2, 64, 32)
+    reference_out = module(x)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = module(x)
+    assert torch.isfinite(out).all()
+    scale = reference_out.abs().max()
+    assert (out.float() - reference_out).abs().max() < 0.05 * scale
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"gather": "qk_elu", "tap_set": "dense_dyadic", "scale_gains": "query"}, "tap_set=dyadic44"),
+    ({"gather": "softmax", "scale_gains": "query"}, "scale_gains=none"),
+    ({"gather": "softmax", "identity_bypass": True}, "identity_bypass"),
+    ({"gather": "deposit", "tap_set": "dyadic44", "scale_gains": "static", "pos_bias_init": "zero"}, "deposit"),
+    ({"long_skips": [0]}, "long_skips"),
+    ({"oob_mode": "wrap"}, "oob_mode"),
+    ({"pos_bias_init": "d4_warm_start"}, "d4_warm_start"),
+])
+def test_invalid_dyadic_options_raise(options, message):
+    with pytest.raises(ValueError, match=message):
+        dw.DwarfDyadicAttention(dim=32, n_heads=4, seq_len=64, **options)
+
+
+def test_conditions_are_complete():
+    expected = {f"cond{c}" for c in "ABCDEFGHIJKLMNP"} | {"condK_rp", "condL_rp", "condM_full"}
+    assert set(dw.CONDITIONS) == expected
+    assert set(dw.CONDITION_SHELLS) == expected - {"condM_full"}

@@ -1,0 +1,110 @@
+"""End-to-end training: loss goes down, results.json, checkpoints, resume, loggers, the CLI, DDP on CPU."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from wavetrain import compose_config, load_model
+from wavetrain.lightning_module import lr_factor
+from wavetrain.train import train
+
+TINY = ["scale=tiny", "seq_len=32", "data.batch_size=8", "data.val_windows=16", "optim.warmup_steps=2",
+        "trainer.val_check_interval=10", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
+
+
+def _val_losses(run_dir: Path) -> list[float]:
+    rows = csv.DictReader(open(run_dir / "logs" / "metrics.csv"))
+    return [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+
+
+def test_tiny_run_learns_and_writes_results(tmp_path: Path) -> None:
+    cfg = compose_config(TINY + ["trainer.max_steps=40", "trainer.precision=32-true"])
+    results = train(cfg, run_dir=tmp_path)
+    losses = _val_losses(tmp_path)
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.3, losses
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for key in ("val_loss", "best_val_loss", "val_ppl", "tokens_per_sec", "wall_seconds", "n_parameters",
+                "overrides", "steps"):
+        assert saved[key] is not None, key
+    assert saved["steps"] == 40 and saved["val_ppl"] == pytest.approx(torch.tensor(saved["val_loss"]).exp().item())
+    assert saved["overrides"] == cfg.run.overrides and results["val_loss"] == saved["val_loss"]
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    model, loaded_cfg = load_model(tmp_path / "checkpoints" / "last.ckpt")
+    assert loaded_cfg.scale.d_model == cfg.scale.d_model and model(torch.zeros(1, 8, dtype=torch.long)).ndim == 3
+
+
+def test_resume_continues_step_count_and_schedule(tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    train(compose_config(TINY + ["trainer.max_steps=20", "trainer.precision=32-true"]), run_dir=first)
+    resumed = tmp_path / "resumed"
+    results = train(compose_config(TINY + ["trainer.max_steps=30", "trainer.precision=32-true",
+                                           f"run.ckpt_path={first / 'checkpoints' / 'last.ckpt'}"]), run_dir=resumed)
+    assert results["steps"] == 30
+    steps = [int(r["step"]) for r in csv.DictReader(open(resumed / "logs" / "metrics.csv")) if r.get("train/loss")]
+    assert min(steps) >= 20 and max(steps) == 29
+
+
+def test_bf16_mixed_on_cpu_and_test_split(tmp_path: Path) -> None:
+    results = train(compose_config(TINY + ["trainer.max_steps=10", "run.test=true",
+                                           "data.source.test_fraction=0.05"]), run_dir=tmp_path)
+    assert results["test_loss"] > 0 and results["test_ppl"] > 1
+
+
+def test_wandb_offline_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    train(compose_config(TINY + ["trainer.max_steps=10", "logger=wandb", "logger.group=unit-test",
+                                 "trainer.precision=32-true"]), run_dir=tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and (tmp_path / "logs" / "metrics.csv").exists()
+
+
+def test_lr_schedule_warmup_then_cosine_to_min_lr() -> None:
+    kwargs = dict(schedule="warmup_cosine", warmup_steps=10, max_steps=110, lr=1e-3, min_lr=1e-4)
+    assert lr_factor(0, **kwargs) == pytest.approx(0.1)
+    assert lr_factor(9, **kwargs) == pytest.approx(1.0)
+    assert lr_factor(60, **kwargs) == pytest.approx((1e-4 + 0.5 * 9e-4) / 1e-3)
+    assert lr_factor(110, **kwargs) == pytest.approx(0.1)
+    assert lr_factor(500, **{**kwargs, "schedule": "warmup_constant"}) == 1.0
+
+
+def _cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "wavetrain", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_cli_run_prints_summary_and_saves_checkpoint(tmp_path: Path) -> None:
+    out = _cli(TINY + ["trainer.max_steps=10", f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "wavetrain: val loss" in out.stdout
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
+    out = _cli(TINY + ["trainer=ddp", "trainer.max_steps=6", "trainer.val_check_interval=3",
+                       "trainer.precision=32-true", f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["steps"] == 6
+    assert "distributed_backend=gloo" in out.stderr + out.stdout
+
+
+@pytest.mark.slow
+def test_ddp_under_hydra_multirun_runs_each_job_once(tmp_path: Path) -> None:
+    out = _cli(["-m", *TINY, "trainer=ddp", "trainer.max_steps=4", "trainer.val_check_interval=2",
+                "trainer.precision=32-true", "seed=1,2", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert jobs == ["0", "1"], jobs
+    for job in jobs:
+        assert json.loads((tmp_path / "sweep" / job / "results.json").read_text())["steps"] == 4
+    assert (out.stdout + out.stderr).count("Launching 2 jobs locally") == 1
