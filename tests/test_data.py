@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from wavetrain import compose_config
-from wavetrain.data.datamodule import EvalWindows, RandomWindows, TextDataModule, TokenStore
+from wavetrain.data.datamodule import (Examples, SplitTokens, StreamWindows, TextDataModule, TokenStore,
+                                       document_spans, pad_collate, sequential_spans)
 from wavetrain.data.sources import DataError, format_chat
 from wavetrain.data.tokenizers import ByteLevelBPETokenizer, CharTokenizer, load_tokenizer
 
@@ -49,25 +51,56 @@ def test_embedded_shakespeare_is_cached_and_reused(isolated_cache: Path) -> None
     assert vocab == 66  # 65 characters + <unk>
     train, val = dm.splits["train"], dm.splits["validation"]
     assert len(train) + len(val) == 1115394 and len(val) == 1115394 - int(1115394 * 0.9)
-    assert isinstance(train, np.memmap)
+    assert isinstance(train.ids, np.memmap) and train.mask is None
     cached = sorted(p.name for p in dm.store.dir.iterdir())
     assert {"tokenizer.json", "train.bin", "validation.bin"} <= set(cached)
     assert not [p for p in cached if ".tmp" in p]
     again = _datamodule(["seq_len=64"])
     again.prepare()
-    assert again.store.dir == dm.store.dir and np.array_equal(again.splits["train"][:100], train[:100])
+    assert again.store.dir == dm.store.dir and np.array_equal(again.splits["train"].ids[:100], train.ids[:100])
 
 
-def test_windows_are_deterministic_and_shifted_by_one() -> None:
-    tokens = np.arange(1000, dtype=np.uint16)
-    a = RandomWindows(tokens, 16, seed=3, offset=0, length=10)
-    b = RandomWindows(tokens, 16, seed=3, offset=5, length=5)
+def _split(n: int = 1000, docs: list[int] | None = None, mask: np.ndarray | None = None) -> SplitTokens:
+    return SplitTokens(np.arange(n, dtype=np.uint16), np.asarray(docs or [0]), mask)
+
+
+def test_stream_windows_depend_only_on_seed_and_index() -> None:
+    a = StreamWindows(_split(), 16, seed=3, offset=0, length=10)
+    b = StreamWindows(_split(), 16, seed=3, offset=5, length=5)
     assert all((a[5 + i][0] == b[i][0]).all() for i in range(5))  # sample g depends only on (seed, g)
     x, y = a[0]
     assert (y[:-1] == x[1:]).all() and len(x) == 16
-    ev = EvalWindows(tokens, 16, max_windows=10)
-    starts = ev.starts
-    assert len(starts) == 10 and all(b - a >= 16 for a, b in zip(starts, starts[1:]))
+
+
+def test_loss_mask_and_min_supervised_redraw() -> None:
+    mask = np.zeros(1000, dtype=np.uint8)
+    mask[500:520] = 1
+    windows = StreamWindows(_split(mask=mask), 16, seed=0, offset=0, length=20, min_supervised=8)
+    for i in range(20):
+        x, y = windows[i]
+        supervised = y != -100
+        assert (y[supervised] == x[supervised] + 1).all()
+        assert all(500 <= int(t) < 520 for t in y[supervised])
+
+
+def test_sequential_and_document_spans() -> None:
+    assert sequential_spans(10, 3) == [(0, 4), (4, 8)]
+    # documents [0, 10) and [10, 13): windows at 0, 4, 8 of up to 5 tokens; the 1-token tail is dropped
+    assert document_spans([(0, 10), (10, 13)], 4) == [(0, 5), (4, 9), (8, 10), (10, 13)]
+
+
+def test_examples_reshuffle_per_epoch_and_resume_by_offset() -> None:
+    spans = sequential_spans(100, 9)  # 10 windows
+    full = Examples(_split(100), spans, seed=1, length=30)
+    firsts = [int(full[i][0][0]) for i in range(30)]
+    assert sorted(firsts[:10]) == sorted(firsts[10:20]) and firsts[:10] != firsts[10:20]
+    resumed = Examples(_split(100), spans, seed=1, offset=13, length=17)
+    assert [int(resumed[i][0][0]) for i in range(17)] == firsts[13:]
+
+
+def test_pad_collate_pads_inputs_and_ignores_targets() -> None:
+    x, y = pad_collate(0)([(torch.tensor([5, 6, 7]), torch.tensor([6, 7, 8])), (torch.tensor([9]), torch.tensor([1]))])
+    assert x.tolist() == [[5, 6, 7], [9, 0, 0]] and y.tolist() == [[6, 7, 8], [1, -100, -100]]
 
 
 def test_missing_local_path_is_a_clear_error() -> None:
@@ -92,7 +125,7 @@ def test_c4_local_files_of_the_hub_schema(shared_data: Path, tmp_path: Path) -> 
     dm = _datamodule(["data=c4", f"data.path={path}", "tokenizer=bpe", "tokenizer.vocab_size=500", "seq_len=64"])
     assert dm.prepare() == 500
     assert len(dm.splits["train"]) > 10 * len(dm.splits["validation"]) > 0
-    assert dm.tokenizer.decode(dm.splits["train"][:40].tolist()).startswith(rows[0]["text"][:20])
+    assert dm.tokenizer.decode(dm.splits["train"].ids[:40].tolist()).startswith(rows[0]["text"][:20])
 
 
 def test_c4_dummy_shard_with_timestamp_field(shared_data: Path) -> None:

@@ -166,6 +166,15 @@ def test_full_attention_matches_standard_sdpa_path():
     torch.testing.assert_close(module(x), dw.dwarf_full_attention_reference(module, x))
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_shortest_inputs(name):
+    """N = 1 and 2: one and two read rows, every offset beyond N out of range."""
+    module = build(name, seq_len=40)
+    for n in (1, 2):
+        x = randn(2, n, 32)
+        torch.testing.assert_close(module(x), reference(module, x), rtol=1e-10, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------------------ T1 causality
 
 @pytest.mark.parametrize("name", ALL)
@@ -197,7 +206,8 @@ def test_t1_published_field_size_causal_at_n_2048(name):
 def test_t1_reference_layout_of_e_f_leaks(name):
     """The published E/F layout (G = seq_len stretched over N = seq_len − 1: stride in (1, 2)) reads token i+1 at
     token i (spec §0); the default stride1 layout of the same condition is causal."""
-    leaky = build(name, seq_len=64, field_layout="reference")
+    with pytest.warns(UserWarning, match="leaks future tokens"):
+        leaky = build(name, seq_len=64, field_layout="reference")
     x = randn(1, 63, 32)
     stride = field_ops.field_stride(leaky.field_size, 63)
     assert 1 < stride < 2
@@ -211,6 +221,33 @@ def test_t1_reference_layout_of_e_f_leaks(name):
     valid = build(name, seq_len=64)
     assert valid.field_size == 65 and valid.field_layout == "stride1"
     assert max_future_influence(valid, x_full) < 1e-12
+
+
+def test_stretch_layout_is_the_spec_formula():
+    """p_i = clamp(i·(G−1)/max(N−1, 1), 0, G−2) in fp32, lower = ⌊p⌋, frac = p − lower (spec §3.A step 3): at
+    G = 4096, N = 2048 the last token is clamped to cell 4094 with fraction 0."""
+    module = dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=2048)
+    for n in (2048, 1000, 1):
+        lower, frac = module.layout(n)
+        stride = torch.tensor((4096 - 1) / max(n - 1, 1), dtype=torch.float32)
+        position = (torch.arange(n, dtype=torch.float32) * stride).clamp(0, 4094)
+        assert torch.equal(lower, position.floor().long()) and torch.equal(frac, position - position.floor())
+    lower, frac = module.layout(2048)
+    assert int(lower[-1]) == 4094 and float(frac[-1]) == 0.0
+    stride1 = dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=2048, field_layout="stride1")
+    lower, frac = stride1.layout(2048)
+    assert torch.equal(lower, torch.arange(2048)) and (frac == 0).all() and stride1.field_size == 2049
+
+
+@pytest.mark.parametrize("name", ["condG", "condH", "condI", "condJ", "condK"])
+def test_d4_tap_order_per_condition(name):
+    """spec §6 D6: G, H, I put h_{3−τ} at offset τ·2^j (the code's reversal), J and K put h_τ there."""
+    module = build(name, seq_len=64)
+    h = dw.D4_COEFFICIENTS
+    expected = h[::-1] if name in ("condG", "condH", "condI") else h
+    for slot, (scale, tap, offset) in enumerate(dw.dyadic_slots()):
+        assert module.slot_offsets[slot] == offset and module.slot_scales[slot] == scale
+        assert module.slot_coefficients[slot] == expected[tap]
 
 
 def test_field_size_auto_and_guards():
@@ -378,14 +415,14 @@ def test_t7_init_values():
     assert (k0.scale_gain[:4] == 0.5).all() and (k0.scale_gain[4:] == 0).all()
     assert (k5.scale_gain[8:] == 0.5).all() and (k5.scale_gain[:8] == 0).all()
     torch.testing.assert_close(six[2].scale_gain[:4], torch.full((4, 8), 0.3, dtype=torch.float64))
-    assert 0.006 < float(k0.q_scale_proj.weight.std()) < 0.014               # N(0, 0.01) after the init pass
+    assert 0.006 < k0.q_scale_proj.weight.std().item() < 0.014               # N(0, 0.01) after the init pass
     assert (k0.pos_bias == 0).all() and k0.pos_bias.shape == (44, 8)
     condn = build("condN", dim=256, heads=8, seq_len=64, std=0.02)
-    assert math.isclose(float(condn.pos_bias[1, 7]), -2 * math.log(2), rel_tol=1e-6)
-    assert math.isclose(float(condn.pos_bias[1, 0]), -0.2 * math.log(2), rel_tol=1e-6)
+    assert math.isclose(condn.pos_bias[1, 7].item(), -2 * math.log(2), rel_tol=1e-6)
+    assert math.isclose(condn.pos_bias[1, 0].item(), -0.2 * math.log(2), rel_tol=1e-6)
     lrp = build("condL_rp", dim=256, heads=8, seq_len=64, std=0.02)
     assert lrp.slot_offsets == U24
-    assert abs(float(lrp.pos_bias[1, 3]) - 0.300) < 1e-6 and abs(float(lrp.pos_bias[23, 3]) + 0.300) < 1e-6
+    assert abs(lrp.pos_bias[1, 3].item() - 0.300) < 1e-6 and abs(lrp.pos_bias[23, 3].item() + 0.300) < 1e-6
     assert (lrp.pos_bias == lrp.pos_bias[:, :1]).all()
     h = build("condH", dim=256, heads=8, seq_len=64, std=0.02)
     assert (h.long_skip_weight == -4).all() and h.long_skips == [512, 1024]
@@ -529,3 +566,60 @@ def test_conditions_are_complete():
     expected = {f"cond{c}" for c in "ABCDEFGHIJKLMNP"} | {"condK_rp", "condL_rp", "condM_full"}
     assert set(dw.CONDITIONS) == expected
     assert set(dw.CONDITION_SHELLS) == expected - {"condM_full"}
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+class _TinyDwarfModel(nn.Module):
+    """Embedding + a stack of DWARF attention modules: enough structure for the plotting code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(50, 32)
+        self.layers = nn.ModuleList([build(name, seq_len=64).float() for name in ("condA", "condG", "condK",
+                                                                                   "condL_rp", "condN")])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(ids)
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def test_dwarf_plots_main_writes_every_figure(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import wavetrain
+    from omegaconf import OmegaConf
+    from wavetrain.analysis import dwarf_plots
+
+    model = _TinyDwarfModel().eval()
+    monkeypatch.setattr(wavetrain, "load_model", lambda path: (model, OmegaConf.create({"seq_len": 64})))
+    assert dwarf_plots.main(["unused.ckpt", "--out", str(tmp_path)]) == 0
+    names = {"scale_gains.png", "position_bias.png", "offset_weights.png", "field_kernels.png", "head_coupling.png"}
+    assert {p.name for p in tmp_path.iterdir()} == names
+    assert all((tmp_path / name).stat().st_size > 10_000 for name in names)
+    inputs = dwarf_plots.attention_inputs(model, torch.randint(50, (1, 64)))
+    assert len(inputs) == 4 and all(x.shape == (1, 64, 32) for x in inputs.values())
+
+
+# ------------------------------------------------------------------------------------------------ Hydra configs
+
+@pytest.mark.parametrize("name", ALL)
+def test_attention_yaml_matches_conditions(name):
+    """conf/attention/dwarf_<name>.yaml = CONDITIONS[name] (other options at their defaults) and instantiates."""
+    import inspect
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).resolve().parents[1] / "conf" / "attention" / f"dwarf_{name}.yaml"
+    cfg = OmegaConf.load(path)
+    condition = dw.CONDITIONS[name]
+    cls = condition["class"]
+    assert cfg._target_ == f"{cls.__module__}.{cls.__qualname__}"
+    defaults = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in {**defaults, **condition["options"]}.items()}
+    assert OmegaConf.to_container(cfg) == {"_target_": cfg._target_, **expected}
+    module = instantiate(cfg, dim=256, n_heads=8, seq_len=2048)
+    assert sum(p.numel() for p in module.parameters()) == ATTENTION_PARAMS[name]

@@ -12,11 +12,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from wavetrain.callbacks import RunSummary, ThroughputMonitor, write_json_atomic
 from wavetrain.config import validate_config
-from wavetrain.data.datamodule import TextDataModule
+from wavetrain.data.datamodule import steps_for_epochs
 from wavetrain.lightning_module import LanguageModelTask
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,33 @@ def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(last) if last.exists() else None
 
 
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """``data.datamodule`` (a class path; the text pipeline by default) built from the data/tokenizer configs."""
+    cls = get_class(cfg.data.get("datamodule") or "wavetrain.data.datamodule.TextDataModule")
+    return cls(cfg.data, cfg.tokenizer, int(cfg.seq_len), int(cfg.seed))
+
+
+def apply_epoch_budget(cfg: DictConfig, data: L.LightningDataModule) -> None:
+    """With ``run.epochs`` (and ``optim.warmup_epochs``), derive trainer.max_steps (and optim.warmup_steps) from
+    the train split's size, as the epoch-based protocols do (spec wavefield.md §4: 3 warmup of 30 epochs)."""
+    if cfg.run.get("epochs") is None:
+        return
+    examples = data.train_examples_per_epoch()
+    if examples is None:
+        raise ValueError("run.epochs needs a finite epoch: use data.packing=sequential or documents "
+                         "(the stream packing samples windows endlessly; set trainer.max_steps instead)")
+    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
+    world = max(1, devices) * int(cfg.trainer.num_nodes)
+    batch, accumulation = int(cfg.data.batch_size), int(cfg.trainer.accumulate_grad_batches)
+    with open_dict(cfg):
+        cfg.trainer.max_steps = steps_for_epochs(examples, float(cfg.run.epochs), batch, accumulation, world)
+        if cfg.optim.get("warmup_epochs") is not None:
+            cfg.optim.warmup_steps = steps_for_epochs(examples, float(cfg.optim.warmup_epochs), batch,
+                                                      accumulation, world)
+    log.info("%s epochs of %d examples = %d optimiser steps", cfg.run.epochs, examples, cfg.trainer.max_steps)
+    validate_config(cfg)
+
+
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     """Train, validate (and optionally test) one configuration; write and return the results summary."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -88,8 +116,12 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     run_dir = Path(run_dir or os.getcwd())
     started = time.time()
     L.seed_everything(int(cfg.seed), workers=True)
-    data = TextDataModule(cfg.data, cfg.tokenizer, int(cfg.seq_len), int(cfg.seed))
+    data = build_datamodule(cfg)
     vocab_size = data.prepare()
+    apply_epoch_budget(cfg, data)
+    if cfg.run.test and not data.has_split("test"):
+        raise ValueError(f"run.test=true but data={cfg.run.choices.get('data')} has no test split: set "
+                         f"run.test=false (or give the source a test split, e.g. data.source.test_fraction=0.05)")
     task = LanguageModelTask(OmegaConf.to_container(cfg, resolve=True), vocab_size)
     log.info("model: %s parameters, vocabulary %d", f"{task.n_parameters:,}", vocab_size)
     checkpoints = ModelCheckpoint(dirpath=str(run_dir / CHECKPOINT_DIR), filename="best-step{step}",
@@ -108,7 +140,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     if not trainer.is_global_zero:
         return {}
     results = json.loads(results_path.read_text())
-    if cfg.run.test and len(data.splits["test"]) > cfg.seq_len:
+    if cfg.run.test:
         best = results.get("best_checkpoint")
         tested = trainer.test(task, datamodule=data, ckpt_path=best, verbose=False)
         results.update({k.replace("/", "_"): float(v) for k, v in (tested[0] if tested else {}).items()})

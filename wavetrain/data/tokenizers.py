@@ -127,7 +127,13 @@ class ByteLevelBPETokenizer:
                    Tokenizer.from_str(meta["backend"]))
 
 
-TOKENIZERS: dict[str, type] = {"char": CharTokenizer, "bpe": ByteLevelBPETokenizer}
+def _registry() -> dict[str, type]:
+    from wavetrain.data.wordchar import WordCharTokenizer
+
+    return {"char": CharTokenizer, "bpe": ByteLevelBPETokenizer, "wordchar": WordCharTokenizer}
+
+
+TOKENIZERS: dict[str, type] = _registry()
 
 
 def build_tokenizer(cfg: DictConfig):

@@ -98,7 +98,8 @@ def interference_blocks(spec: DictConfig, n_layers: int) -> list[int]:
 def _build_interference(spec: DictConfig | None, dim: int, n_layers: int) -> tuple[dict[int, nn.Module], str]:
     if spec is None:
         return {}, "after_attention"
-    module_spec = OmegaConf.masked_copy(spec, [k for k in spec.keys() if k not in ("blocks", "interval", "site")])
+    module_spec = {k: v for k, v in OmegaConf.to_container(spec, resolve=True).items()
+                   if k not in ("blocks", "interval", "site")}
     modules = {block: instantiate(module_spec, dim=dim, module_idx=k)
                for k, block in enumerate(interference_blocks(spec, n_layers))}
     return modules, spec.get("site", "after_attention")

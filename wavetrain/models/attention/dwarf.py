@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -169,7 +170,6 @@ class DwarfFieldAttention(nn.Module):
         self.rg_gain_init = rg_gain_init
         self.damping_floor = damping_floor
         self.gate_bias_init = gate_bias_init
-        self._checked_lengths: set[int] = set()
 
         self.qkv = nn.Linear(dim, 3 * dim)
         self.gate_proj = nn.Linear(dim, dim)
@@ -205,6 +205,9 @@ class DwarfFieldAttention(nn.Module):
             if field_size != "auto":
                 raise ValueError(f"field_size={field_size} with field_layout=reference: the published E/F layout "
                                  f"is G = seq_len; set field_size=auto")
+            warnings.warn("field_layout=reference reproduces the published condE/F layout, which leaks future "
+                          "tokens into the past (spec dwarf.md §0); use it for negative tests only, "
+                          "field_layout=stride1 is the causal E/F", stacklevel=3)
             return self.seq_len
         if field_size == "auto":
             # The stride (G−1)/(N−1) changes with N, so the layout must be causal at every N ≤ seq_len, not only at
@@ -221,7 +224,7 @@ class DwarfFieldAttention(nn.Module):
     def kernel_basis(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The (12, G) basis of condC (causal Morlet) or condD (DB4), each row L1-normalised (spec §3.C/D).
 
-        Built per call in the gains' dtype (a few G-length elementwise ops), so the fp64 tests see an fp64 basis.
+        Built per call in ``dtype`` (a few G-length elementwise ops), so the fp64 tests see an fp64 basis.
         """
         t = torch.arange(self.field_size, dtype=dtype, device=device)
         exponent = torch.arange(FIELD_SCALES - 1, -1, -1, dtype=dtype, device=device)[:, None]
@@ -252,15 +255,15 @@ class DwarfFieldAttention(nn.Module):
 
     def kernels(self) -> torch.Tensor:
         """Per-head causal kernels k_h(t), t = 0..G−1, shape (H, G), as convolved (dispersion applied)."""
-        with torch.autocast(device_type=self.field_coupling.device.type, enabled=False):
+        dtype, device = _compute_dtype(self.field_coupling), self.field_coupling.device  # fp32 even for bf16 params
+        with torch.autocast(device_type=device.type, enabled=False):
             if self.kernel_type == "damped_cosine":
-                t = torch.arange(self.field_size, dtype=self.wave_damping.dtype, device=self.wave_damping.device)
-                alpha = F.softplus(self.wave_damping)[:, None] + self.damping_floor
-                omega = self.wave_frequency.abs()[:, None]
-                kernel = torch.exp(-alpha * t) * torch.cos(omega * t + self.wave_phase[:, None])
+                t = torch.arange(self.field_size, dtype=dtype, device=device)
+                alpha = F.softplus(self.wave_damping.to(dtype))[:, None] + self.damping_floor
+                omega = self.wave_frequency.to(dtype).abs()[:, None]
+                kernel = torch.exp(-alpha * t) * torch.cos(omega * t + self.wave_phase.to(dtype)[:, None])
             else:
-                gains = self.wavelet_gains
-                kernel = gains @ self.kernel_basis(gains.dtype, gains.device)
+                kernel = self.wavelet_gains.to(dtype) @ self.kernel_basis(dtype, device)
             kernel = kernel / kernel.abs().sum(-1, keepdim=True).clamp(min=1e-8)
             if self.dispersion:
                 kernel = self._disperse(kernel)
@@ -271,7 +274,7 @@ class DwarfFieldAttention(nn.Module):
         size = self.field_size
         spectrum = torch.fft.rfft(kernel, n=2 * size)
         bins = torch.arange(size + 1, dtype=kernel.dtype, device=kernel.device) / size
-        phase = 2 * math.pi * self.wave_dispersion[:, None] * bins ** 2
+        phase = 2 * math.pi * self.wave_dispersion.to(kernel.dtype)[:, None] * bins ** 2
         rotated = spectrum * torch.polar(torch.ones_like(phase), phase)
         return torch.fft.irfft(rotated, n=2 * size)[:, :size]
 
@@ -282,9 +285,8 @@ class DwarfFieldAttention(nn.Module):
                              f"(G={self.field_size}); raise seq_len")
         if self.field_layout == "stride1":
             return bilinear_positions(n, 1.0, self.field_size, device)
-        if self.field_layout == "stretch" and n not in self._checked_lengths:
+        if self.field_layout == "stretch":
             _check_stretch_layout(self.field_size, n)
-            self._checked_lengths.add(n)
         return bilinear_positions(n, field_stride(self.field_size, n), self.field_size, device)
 
     def propagate(self, field: torch.Tensor) -> torch.Tensor:
@@ -298,8 +300,7 @@ class DwarfFieldAttention(nn.Module):
         return torch.einsum("hg,bgfc->bhfc", coupling, field)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, n, dim = x.shape
-        lower, frac = self.layout(n, x.device)
+        lower, frac = self.layout(x.shape[1], x.device)
         _, k, v = _split_heads(self.qkv, x, self.n_heads)          # q is unused in condA–F (spec §3.A step 1)
         with torch.autocast(device_type=x.device.type, enabled=False):
             deposit = v.to(_compute_dtype(x)) * k.to(_compute_dtype(x)).norm(dim=-1, keepdim=True)
@@ -466,9 +467,10 @@ class DwarfDyadicAttention(nn.Module):
             offsets = dyadic_unique_offsets() if tap_set == "unique24" else dense_dyadic_offsets(dense_max, dyadic_max)
             slots = [(-1, -1, offset) for offset in offsets]
         self.slot_offsets = [offset for _, _, offset in slots]
-        self.slot_scales = [scale for scale, _, _ in slots]
+        self.slot_scales = [scale for scale, _, _ in slots]       # j of each D4 slot, −1 for plain offsets
+        self.slot_taps = [tap for _, tap, _ in slots]             # τ of each D4 slot, −1 for plain offsets
         coefficients = D4_COEFFICIENTS if d4_order == "forward" else D4_COEFFICIENTS[::-1]
-        self.slot_coefficients = [coefficients[tap] if tap >= 0 else 0.0 for _, tap, _ in slots]
+        self.slot_coefficients = [coefficients[tap] if tap >= 0 else 0.0 for tap in self.slot_taps]
         self.unique_offsets = sorted(set(self.slot_offsets))
         self._plans: dict[tuple[int, torch.device], _TapPlan] = {}
 
@@ -640,8 +642,7 @@ class DwarfDyadicAttention(nn.Module):
         return plan.offsets, weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, n, dim = x.shape
-        plan = self._plan(n, x.device)
+        plan = self._plan(x.shape[1], x.device)
         q, k, v = _split_heads(self.qkv, x, self.n_heads)
         values = v * k.norm(dim=-1, keepdim=True) if self.gather == "deposit" else v
         weights, normaliser = self._offset_weights(q, k, plan)

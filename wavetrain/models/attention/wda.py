@@ -64,8 +64,8 @@ def triangle_wave(phase: torch.Tensor) -> torch.Tensor:
 
 
 def offset_encoding(lags: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """p(δ) = (δ/S_max, sign(δ)·√(|δ| + 1e−6)/√S_max) for each lag (spec §2.2); S_max is the constructor value,
-    not the current length.  Returns (L, 2) in the dtype of ``lags``."""
+    """p(δ) = (δ/S_max, sign(δ)·√(|δ| + 1e−6)/√S_max) for each lag (spec §2.2); S_max is the constructor
+    value, not the current length.  Returns (L, 2) in the dtype of ``lags``."""
     linear = lags / seq_len
     root = torch.sign(lags) * torch.sqrt(torch.abs(lags) + 1e-6) / math.sqrt(seq_len)
     return torch.stack([linear, root], dim=-1)
@@ -150,6 +150,12 @@ def causal_linear_attention(query_features: torch.Tensor, key_features: torch.Te
     denominator = torch.einsum("bhcir,bhcr->bhci", q, k_before) + scores.sum(-1)
     out = numerator / (denominator.unsqueeze(-1) + CONTENT_EPS)
     return out.flatten(2, 3)[:, :, :length]
+
+
+def _reverse_lags(lagged: torch.Tensor) -> torch.Tensor:
+    """Reverse the lag axis and append one column that is never read: the input layout of
+    :func:`_reversed_lags_to_position`, which then needs no gather."""
+    return F.pad(lagged.flip(-1), (0, 1))
 
 
 def _reversed_lags_to_position(reversed_lags: torch.Tensor) -> torch.Tensor:
@@ -295,8 +301,9 @@ class WaveDensityAttention(nn.Module):
         return distance_window(lags, self.seq_len, self.window_sigma_frac)
 
     def render_masks(self, length: int | None = None) -> torch.Tensor:
-        """M_m(d) = Σ_w a·φ(2π⟨f, p(d)⟩ + θ) for every head and mask, d = 0 … length−1 (default S_max): (H, M, L).
-        Always from the live parameters, in float32 (float64 for a float64 module) with autocast off (§2.2)."""
+        """M_m(d) = Σ_w a·φ(2π⟨f, p(d)⟩ + θ) for every head and mask, d = 0 … length−1 (default S_max):
+        (H, M, L).  Always from the live parameters, in float32 (float64 for a float64 module), autocast off
+        (§2.2)."""
         dtype = self._render_dtype()
         with torch.autocast(device_type=self.freqs.device.type, enabled=False):
             positions = offset_encoding(self._lags(self.seq_len if length is None else length, dtype), self.seq_len)
@@ -362,8 +369,9 @@ class WaveDensityAttention(nn.Module):
 
     def _kernel_density(self, weights: torch.Tensor, masks: torch.Tensor, window: torch.Tensor,
                         noise: torch.Tensor | None) -> torch.Tensor:
-        """Per-position density kernels (B, H, T, L): g·ρ(Σ_m w̃_{t,m} M_m) (prefix, full) or Σ_m w̃_{t,m} g·ρ(M_m)
-        (prefix_mixdens).  masks (H, M, L), window (L,) and noise (B, H, n, L) share one lag axis, in any order."""
+        """Per-position density kernels (B, H, T, L): g·ρ(Σ_m w̃_{t,m} M_m) (prefix, full) or
+        Σ_m w̃_{t,m} g·ρ(M_m) (prefix_mixdens).  masks (H, M, L), window (L,) and noise (B, H, n, L) share one
+        lag axis, in either order."""
         if self.gate_pooling == "prefix_mixdens":
             per_mask = self._density(masks.unsqueeze(0), noise) * window
             return torch.einsum("bthm,bhml->bhtl", weights, per_mask.expand(weights.shape[0], -1, -1, -1))
@@ -429,16 +437,14 @@ class WaveDensityAttention(nn.Module):
         weights = self.mixture_weights(x)  # (B, T, H, M)
         masks = self.render_masks(length).to(compute)  # (H, M, N)
         noise = self._threshold_noise(batch, length, compute)
-        content = None
         with torch.autocast(device_type=x.device.type, enabled=False):
             v = values.to(compute).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B,H,N,hd)
             km = key_gate.to(compute).transpose(1, 2).unsqueeze(-1)  # (B, H, N, 1)
             stacked = torch.cat([km, km * v], dim=-1)  # Z_t = [km_t, km_t·v_t], (B, H, N, 1 + hd)
             window = distance_window(self._lags(length, compute), self.seq_len, self.window_sigma_frac)
             if self.gate_pooling == "prefix":
-                # lag axis reversed and padded with one never-read column: the skew to [t, j] is then a reshape
-                reverse = (lambda lagged: None if lagged is None else F.pad(lagged.flip(-1), (0, 1)))
-                reversed_kernels = self._kernel_density(weights, reverse(masks), reverse(window), reverse(noise))
+                reversed_kernels = self._kernel_density(weights, _reverse_lags(masks), _reverse_lags(window),
+                                                        None if noise is None else _reverse_lags(noise))
                 convolved = _reversed_lags_to_position(reversed_kernels) @ stacked  # Σ_j D_t(t − j)·Z_j
             elif self.gate_pooling == "full":
                 kernel = self._kernel_density(weights, masks, window, noise)  # (B, H, 1, N)
@@ -449,8 +455,7 @@ class WaveDensityAttention(nn.Module):
                 convolved = torch.einsum("bthm,bhmct->bhtc", weights, per_mask_out)
             context = convolved[..., 1:] / (convolved[..., :1] + NORMALISER_EPS)
             if self.content_mix > 0:
-                content = self._content_context(x, v)
-                context = (1.0 - self.content_mix) * context + self.content_mix * content
+                context = (1.0 - self.content_mix) * context + self.content_mix * self._content_context(x, v)
             qm = query_gate.to(compute).transpose(1, 2).unsqueeze(-1)
             mixed = qm * context + (1.0 - qm) * v
             mixed = mixed.transpose(1, 2).reshape(batch, length, self.dim).to(values.dtype)
@@ -463,7 +468,7 @@ def wda_reference(module: WaveDensityAttention, x: torch.Tensor) -> torch.Tensor
     kernel D_t(d) per position and the direct causal sum Σ_{d≤t} D_t(d)·Z_{t−d}; the content path as a masked
     O(N²) product.  Draws the threshold noise exactly like the forward pass, so with the same RNG state the
     two agree for density=sampling too."""
-    batch, length, dim = x.shape
+    batch, length, _ = x.shape
     heads, head_dim, masks_n, hidden = module.n_heads, module.head_dim, module.num_masks, module.gate_hidden
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     noise = module._threshold_noise(batch, length, compute)
@@ -512,7 +517,8 @@ def wda_reference(module: WaveDensityAttention, x: torch.Tensor) -> torch.Tensor
         masks = torch.zeros(masks_n, length, dtype=compute, device=x.device)
         for w in range(module.num_waves_per_mask):
             freq = module.freqs[h, :, w].to(compute)
-            phase = 2 * math.pi * (freq[:, :1] * p_linear + freq[:, 1:] * p_root) + module.phases[h, :, w, None].to(compute)
+            phase = 2 * math.pi * (freq[:, :1] * p_linear + freq[:, 1:] * p_root)
+            phase = phase + module.phases[h, :, w, None].to(compute)
             masks = masks + module.amps[h, :, w, None].to(compute) * wave(phase)
         rows = slice(h * hidden, (h + 1) * hidden)
         gate_rows = slice(h * masks_n, (h + 1) * masks_n)
