@@ -192,6 +192,10 @@ def test_reference_code_estimator_is_dense_softmax_without_gradient() -> None:
     module(x).square().sum().backward()
     assert module.gate_in.weight.grad is None and module.gate_out.weight.grad is None
     assert module.mod_in.weight.grad is not None and module.freqs.grad is not None
+    sampling = small(st_estimator="reference_code", density="sampling")
+    sampling(x).square().sum().backward()
+    assert all(p.grad is None for p in (sampling.freqs, sampling.amps, sampling.phases, sampling.mod_basis))
+    assert sampling.v_proj.weight.grad is not None
 
 
 # --------------------------------------------------------------------------- fast path == naive reference

@@ -4,7 +4,9 @@ Configs (conf/attention/*.yaml) name the class by ``_target_``; ``ATTENTIONS`` i
 Constructor contract: ``(dim, n_heads, seq_len, layer_idx=0, n_layers=1, *, <mechanism options>)``.
 """
 from wavetrain.models.attention.standard import CausalSelfAttention
+from wavetrain.models.attention.wavefield import WaveFieldAttention
+from wavetrain.models.attention.wda import WaveDensityAttention
 
-ATTENTIONS = {"standard": CausalSelfAttention}
+ATTENTIONS = {"standard": CausalSelfAttention, "wavefield": WaveFieldAttention, "wda": WaveDensityAttention}
 
-__all__ = ["ATTENTIONS", "CausalSelfAttention"]
+__all__ = ["ATTENTIONS", "CausalSelfAttention", "WaveFieldAttention", "WaveDensityAttention"]

@@ -34,6 +34,7 @@ D4_TAPS = 4             # τ = 0..3
 FIELD_SCALES = 12       # Morlet / DB4 basis scales of condC/D (spec §3.C: S = log2(4096) = 12)
 PUBLISHED_FIELD_SIZE = 4096  # G of condA–D (spec §3.A)
 NORMALISER_EPS = 1e-6   # out = num / (Z + 1e-6) (spec §3.K)
+PLAN_CACHE_SIZE = 8     # tap plans (index tensors) kept per dyadic module, one per recent sequence length
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -542,7 +543,11 @@ class DwarfDyadicAttention(nn.Module):
 
     def _plan(self, n: int, device: torch.device) -> _TapPlan:
         key = (n, device)
-        if key not in self._plans:
+        if key in self._plans:
+            self._plans[key] = self._plans.pop(key)               # most recently used last
+        else:
+            if len(self._plans) >= PLAN_CACHE_SIZE:               # bounded: decoding visits every length
+                self._plans.pop(next(iter(self._plans)))
             offsets = [offset for offset in self.unique_offsets if offset < n]
             column = {offset: index for index, offset in enumerate(offsets)}
             slot_offsets = torch.tensor(self.slot_offsets, device=device)

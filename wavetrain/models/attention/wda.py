@@ -28,9 +28,13 @@ to ``soft`` in the forward pass and carries no gradient at all (neither term dep
 * ``intended`` (default, what spec §2.3/§2.4 describe): forward = hard (uniform 1/k on the top-k masks; the
   Heaviside 1[z > 0]), backward = gradient of soft (the softmax over all M logits; σ(step_alpha·z)).
 * ``reference_code``: what the reference code computes: forward = the dense softmax over all M masks (and the mean
-  of σ(step_alpha·(K + ε)) for ``density=sampling``), with no gradient through either, so the gating MLPs (and,
-  with sampling, the wave/mask parameters) never train.  Together with ``gate_pooling=full`` this reproduces the
-  published 130M run.
+  of σ(step_alpha·(K + ε)) for ``density=sampling``), with no gradient through either, so the gating MLPs never
+  receive a gradient (and, with density=sampling, neither does anything that shapes the kernel: waves, mask
+  scaling).  Together with ``gate_pooling=full`` this is the computation behind the published 130M numbers.
+
+When every visible lag of a position has zero density (density=sampling with all draws below threshold, or a
+raw density summing to ~0), the normaliser Σ_d D(d)·km is ~0: ``prefix`` (direct sums) then gives an exact 0
+context, while the FFT modes (``full``, ``prefix_mixdens``), like the reference, divide FFT round-off by 1e−8.
 
 Masks and kernels are always rendered from the live parameters: the reference's eval-mode mask cache, which is
 never invalidated (§2.2, §7.9), is deliberately not reproduced.
@@ -191,7 +195,8 @@ class WaveDensityAttention(nn.Module):
     head-wise (same fan-ins, hence the same PyTorch-default init and the same count); likewise ``mod_in``/
     ``mod_out`` for mod_mlp[h]; ``mod_basis`` (H, mod_rank, M) ~ N(0, 0.05²); ``freqs`` (H, M, W, 2) ~ N(0, 1.5²),
     ``amps`` (H, M, W) ~ N(0.5, 0.02²), ``phases`` (H, M, W) ~ N(0, π²) (§2.1).  ``seq_len`` is S_max: it fixes
-    the offset encoding and the window, and is the longest input accepted.
+    the offset encoding and the window, and is the longest input accepted.  The reference's use_ffn/ffn_mult
+    belong to the shell, and its use_checkpoint is the shell's attention checkpointing.
     """
 
     def __init__(self, dim: int, n_heads: int, seq_len: int, layer_idx: int = 0, n_layers: int = 1, *,
