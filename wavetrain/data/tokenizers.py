@@ -128,9 +128,11 @@ class ByteLevelBPETokenizer:
 
 
 def _registry() -> dict[str, type]:
+    from wavetrain.data.gpt2 import GPT2Tokenizer
     from wavetrain.data.wordchar import WordCharTokenizer
 
-    return {"char": CharTokenizer, "bpe": ByteLevelBPETokenizer, "wordchar": WordCharTokenizer}
+    return {"char": CharTokenizer, "bpe": ByteLevelBPETokenizer, "wordchar": WordCharTokenizer,
+            "gpt2": GPT2Tokenizer}
 
 
 TOKENIZERS: dict[str, type] = _registry()

@@ -81,25 +81,34 @@ def build_attention(cfg: DictConfig, dim: int | None = None, layer_idx: int = 0,
                        seq_len=cfg.seq_len, layer_idx=layer_idx, n_layers=cfg.scale.n_layers, _convert_="all")
 
 
+def _block_index(value: int, n_layers: int, key: str) -> int:
+    """A block index, negative ones counting from the last block (-1 = last), checked against the depth."""
+    index = int(value)
+    if not -n_layers <= index < n_layers:
+        raise ValueError(f"{key} names block {index}, outside the model's {n_layers} blocks (0..{n_layers - 1}, "
+                         f"or negative from the end)")
+    return index % n_layers
+
+
 def interference_blocks(spec: DictConfig, n_layers: int) -> list[int]:
-    """Blocks that carry an interference module: explicit ``blocks`` or every ``interval``-th block."""
+    """Blocks that carry an interference module: explicit ``blocks``, or every ``interval``-th block (1-based
+    multiples: interval 3 gives blocks 2, 5, 8, ...), minus ``skip_blocks`` (negative = from the end)."""
     if spec.get("blocks") is not None:
-        blocks = [int(b) for b in spec.blocks]
-        bad = [b for b in blocks if not 0 <= b < n_layers]
-        if bad:
-            raise ValueError(f"model.interference.blocks={blocks} names blocks {bad} outside 0..{n_layers - 1}")
-        return blocks
-    interval = int(spec.interval)
-    if interval < 1:
-        raise ValueError(f"model.interference.interval={interval} must be >= 1")
-    return [i for i in range(n_layers) if (i + 1) % interval == 0]
+        blocks = [_block_index(b, n_layers, "model.interference.blocks") for b in spec.blocks]
+    else:
+        interval = int(spec.interval)
+        if interval < 1:
+            raise ValueError(f"model.interference.interval={interval} must be >= 1")
+        blocks = [i for i in range(n_layers) if (i + 1) % interval == 0]
+    skipped = {int(b) % n_layers for b in spec.get("skip_blocks") or []}
+    return [b for b in blocks if b not in skipped]
 
 
 def _build_interference(spec: DictConfig | None, dim: int, n_layers: int) -> tuple[dict[int, nn.Module], str]:
     if spec is None:
         return {}, "after_attention"
     module_spec = {k: v for k, v in OmegaConf.to_container(spec, resolve=True).items()
-                   if k not in ("blocks", "interval", "site")}
+                   if k not in ("blocks", "interval", "skip_blocks", "site")}
     modules = {block: instantiate(module_spec, dim=dim, module_idx=k)
                for k, block in enumerate(interference_blocks(spec, n_layers))}
     return modules, spec.get("site", "after_attention")
@@ -145,7 +154,8 @@ def build_model(cfg: DictConfig, vocab_size: int | None = None) -> LanguageModel
         raise ValueError(f"scale.d_model={dim} is not divisible by scale.n_heads={scale.n_heads}: "
                          f"choose n_heads dividing d_model")
     interference, site = _build_interference(shell.get("interference"), dim, n_layers)
-    overrides = {int(k): v for k, v in (shell.get("layer_attention") or {}).items()}
+    overrides = {_block_index(k, n_layers, "model.layer_attention"): v
+                 for k, v in (shell.get("layer_attention") or {}).items()}
     blocks = []
     for layer in range(n_layers):
         blocks.append(Block(
