@@ -72,3 +72,27 @@ def test_cli_help_lists_groups() -> None:
     for group in GROUPS:
         assert f"{group}:" in out.stdout
     assert "standard" in out.stdout and "shakespeare" in out.stdout
+
+
+@pytest.mark.parametrize("scale", group_choices("scale"))
+def test_every_attention_builds_at_every_scale(scale: str) -> None:
+    for attention in group_choices("attention"):
+        cfg = compose_config([f"attention={attention}", f"scale={scale}"])
+        attn = build_attention(cfg)
+        x = torch.randn(1, 64, cfg.scale.d_model)
+        with torch.no_grad():
+            assert attn(x).shape == x.shape, attention
+
+
+SUBQUADRATIC = ["wavefield", "wda", "dwarf_condA", "dwarf_condE", "dwarf_condK", "dwarf_condN"]
+
+
+@pytest.mark.parametrize("attention", SUBQUADRATIC)
+def test_subquadratic_attentions_build_at_16k_context(attention: str) -> None:
+    overrides = [f"attention={attention}", "scale=tiny", "seq_len=16384"]
+    if attention == "wda":
+        overrides.append("attention.gate_pooling=prefix_mixdens")  # the O(M·N log N) mode for long contexts
+    cfg = compose_config(overrides)
+    model = build_model(cfg, vocab_size=20)
+    with torch.no_grad():
+        assert model(torch.randint(0, 20, (1, 2048))).shape == (1, 2048, 20)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -10,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from wavetrain.config import CONF_DIR, GROUPS  # noqa: E402
+from wavetrain.sweep import dry_run  # noqa: E402  (also registers the sweep files' seed resolver)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -20,9 +22,27 @@ def main(cfg: DictConfig) -> float | None:
     with open_dict(cfg):
         cfg.run.overrides = list(hydra_cfg.overrides.task)
         cfg.run.choices = {g: hydra_cfg.runtime.choices.get(g) for g in GROUPS}
-    results = train(cfg)
+    try:
+        results = train(cfg)
+    except Exception as error:
+        record_failure(cfg, error)
+        raise
     return results.get("best_val_loss")
 
 
+def record_failure(cfg: DictConfig, error: BaseException) -> None:
+    """results.json with status "failed" and the error's first line, so a sweep's report shows why a row failed."""
+    from pathlib import Path
+
+    from wavetrain.callbacks import write_json_atomic
+
+    message = (str(error).strip().splitlines() or [""])[0]
+    write_json_atomic(Path.cwd() / cfg.run.results_file, {
+        "status": "failed", "error": f"{type(error).__name__}: {message}" if message else type(error).__name__,
+        "overrides": list(cfg.run.overrides), "choices": dict(cfg.run.choices)})
+
+
 if __name__ == "__main__":
+    if "--dry-run" in sys.argv[1:]:
+        sys.exit(dry_run(sys.argv[1:]))
     main()

@@ -5,7 +5,11 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+# ${max:a,b} in configs, e.g. DWARF's learned position table: 2050 rows, or seq_len when that is longer
+if not OmegaConf.has_resolver("max"):
+    OmegaConf.register_new_resolver("max", lambda *values: max(values))
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("attention", "scale", "data", "tokenizer", "optim", "trainer", "logger")

@@ -12,11 +12,13 @@ import gzip
 import hashlib
 import importlib
 import itertools
+import re
 from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 
 SPLITS = ("train", "validation", "test")
+DOCUMENT_UNITS = ("text", "paragraph", "line")
 
 
 class DataError(ValueError):
@@ -40,18 +42,29 @@ def read_text_file(path: Path) -> str:
 
 
 class EmbeddedTextSource:
-    """One text, split by character fractions: train = head, validation/test = the tail (nanoGPT's split)."""
+    """One text, split by character fractions: train = head, validation/test = the tail (nanoGPT's split).
 
-    def __init__(self, filename: str, val_fraction: float = 0.1, test_fraction: float = 0.0) -> None:
+    ``document_unit`` says what one document of a split is: ``text`` (the whole split, one stream), ``paragraph``
+    (blocks separated by blank lines, stripped: one speech of tiny-shakespeare) or ``line`` (each non-empty line,
+    stripped); the last two give the one-example-per-paragraph protocol of spec wavefield.md §4."""
+
+    def __init__(self, filename: str, val_fraction: float = 0.1, test_fraction: float = 0.0,
+                 document_unit: str = "text") -> None:
         if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
             raise DataError(f"val_fraction={val_fraction}, test_fraction={test_fraction}: both in [0, 1) with "
                             f"val_fraction > 0 and a non-empty train part")
+        if document_unit not in DOCUMENT_UNITS:
+            raise DataError(f"data.source.document_unit={document_unit!r} is unknown: use one of "
+                            f"{list(DOCUMENT_UNITS)}")
         self.filename = filename
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
+        self.document_unit = document_unit
 
     def fingerprint(self, path: str | None) -> str:
-        return f"{self.filename if path is None else _path_fingerprint(path)}-{self.val_fraction}-{self.test_fraction}"
+        origin = self.filename if path is None else _path_fingerprint(path)
+        unit = "" if self.document_unit == "text" else f"-{self.document_unit}"
+        return f"{origin}-{self.val_fraction}-{self.test_fraction}{unit}"
 
     def documents(self, split: str, path: str | None) -> Iterator[str]:
         if path is not None:
@@ -65,7 +78,16 @@ class EmbeddedTextSource:
         bounds = {"train": (0, val_start), "validation": (val_start, test_start), "test": (test_start, n)}
         start, stop = bounds[split]
         if stop > start:
-            yield text[start:stop]
+            yield from split_documents(text[start:stop], self.document_unit)
+
+
+def split_documents(text: str, unit: str) -> Iterator[str]:
+    """``text`` as documents of one ``unit`` (see EmbeddedTextSource); empty documents are dropped."""
+    if unit == "text":
+        yield text
+        return
+    pieces = re.split(r"\n[ \t]*\n", text) if unit == "paragraph" else text.split("\n")
+    yield from (piece.strip() for piece in pieces if piece.strip())
 
 
 def _path_fingerprint(path: str) -> str:
@@ -105,12 +127,19 @@ class HFTextSource:
     ``splits`` maps our split names to the dataset's (e.g. validation -> test_sft).  When the dataset has fewer
     splits than we need (OpenWebText has only train), ``carve`` cuts the first ``max_docs`` documents of its
     train split in order, e.g. {train: 0.95, validation: 0.025, test: 0.025} (spec dwarf.md §2).
-    ``formatter`` turns a row into its text (a field name, or a callable path such as the UltraChat formatter)."""
+    ``local_files`` maps each split to its file inside a ``data.path`` directory (a name, plain or ``.gz``, or a
+    glob), e.g. WikiText-2's wiki.{train,valid,test}.raw; without it, local files are carved like one corpus.
+    ``skip_prefixes`` drops rows whose (stripped) text starts with one of them (WikiText's "= Heading =" lines,
+    spec wavefield.md §4).
+    ``formatter`` turns a row into its document (a callable path such as the UltraChat formatter, called with
+    ``formatter_options`` as keyword arguments): a string, or (text, supervised) segments for a loss mask."""
 
     def __init__(self, hub_id: str, hub_config: str | None = None, text_field: str = "text",
                  splits: dict[str, str] | None = None, carve: dict[str, float] | None = None,
                  max_docs: int | None = None, streaming: bool = True, features: dict[str, str] | None = None,
-                 min_chars: int = 0, strip: bool = False, formatter: str | None = None) -> None:
+                 min_chars: int = 0, strip: bool = False, formatter: str | None = None,
+                 formatter_options: dict | None = None, local_files: dict[str, str] | None = None,
+                 skip_prefixes: list[str] | None = None) -> None:
         self.hub_id = hub_id
         self.hub_config = hub_config
         self.text_field = text_field
@@ -122,11 +151,16 @@ class HFTextSource:
         self.min_chars = min_chars
         self.strip = strip
         self.formatter = formatter
+        self.formatter_options = dict(formatter_options or {})
+        self.local_files = dict(local_files) if local_files else None
+        self.skip_prefixes = tuple(skip_prefixes or ())
 
     def fingerprint(self, path: str | None) -> str:
         origin = f"{self.hub_id}/{self.hub_config}" if path is None else _path_fingerprint(path)
-        return hashlib.sha1(repr((origin, self.text_field, self.splits, self.carve, self.max_docs, self.min_chars,
-                                  self.strip, self.formatter)).encode()).hexdigest()[:12]
+        key = (origin, self.text_field, self.splits, self.carve, self.max_docs, self.min_chars, self.strip,
+               self.formatter) + ((sorted(self.formatter_options.items()),) if self.formatter_options else ())
+        key += ((self.local_files, self.skip_prefixes),) if self.local_files or self.skip_prefixes else ()
+        return hashlib.sha1(repr(key).encode()).hexdigest()[:12]
 
     def _load(self, split: str, path: str | None) -> Iterable[dict]:
         import datasets
@@ -135,7 +169,7 @@ class HFTextSource:
         if self.features:
             kwargs["features"] = datasets.Features({k: datasets.Value(v) for k, v in self.features.items()})
         if path is not None:
-            files = _expand(path)
+            files = self._split_files(split, path) if self._per_split(path) else _expand(path)
             builder = _builder_for(files)
             if builder == "text":
                 kwargs.pop("features", None)
@@ -148,11 +182,15 @@ class HFTextSource:
                             f"needs network or a local copy: set data.path=/path/to/files "
                             f"(json/jsonl/parquet/text of the same schema)") from err
 
-    def _texts(self, rows: Iterable[dict]) -> Iterator[str]:
+    def _texts(self, rows: Iterable[dict]) -> Iterator[str | list[tuple[str, bool]]]:
         format_row = _resolve_formatter(self.formatter) if self.formatter else None
         for index, row in enumerate(rows):
             if format_row is not None:
-                text = format_row(row, index)
+                text = format_row(row, index, **self.formatter_options)
+                if not isinstance(text, str):  # (text, supervised) segments, already stripped per turn
+                    if len("".join(piece for piece, _ in text)) > self.min_chars:
+                        yield text
+                    continue
             else:
                 if row.get(self.text_field) is None:  # the json builder fills a missing field with None
                     fields = sorted(k for k, v in row.items() if v is not None)
@@ -160,13 +198,32 @@ class HFTextSource:
                                     f"set data.source.text_field to the field holding the text")
                 text = row[self.text_field]
             text = text.strip() if self.strip else text
+            if self.skip_prefixes and text.lstrip().startswith(self.skip_prefixes):
+                continue
             if len(text) > self.min_chars and text:
                 yield text
 
     def documents(self, split: str, path: str | None) -> Iterator[str]:
+        if path is not None and self._per_split(path):
+            return self._texts(self._load(split, path))
         if self.carve is None and path is None:
             return self._texts(self._load(self.splits[split], path))
         return self._carved(split, path)
+
+    def _per_split(self, path: str) -> bool:
+        return bool(self.local_files) and Path(path).is_dir()
+
+    def _split_files(self, split: str, path: str) -> list[str]:
+        """The ``local_files`` of ``split`` inside the ``data.path`` directory (a name, its ``.gz``, or a glob)."""
+        pattern = self.local_files.get(split)
+        if pattern is None:
+            raise DataError(f"data.source.local_files has no entry for the {split} split: add "
+                            f"{split}: <file name or glob inside data.path>")
+        files = sorted(glob.glob(str(Path(path) / pattern))) or sorted(glob.glob(str(Path(path) / f"{pattern}.gz")))
+        if not files:
+            raise DataError(f"no file matches {pattern!r} (or {pattern}.gz) in data.path={path} for the {split} "
+                            f"split: put the corpus's {split} file there, or set data.source.local_files.{split}")
+        return files
 
     def _carved(self, split: str, path: str | None) -> Iterator[str]:
         carve = self.carve or {"train": 0.9, "validation": 0.05, "test": 0.05}
@@ -189,16 +246,36 @@ def _resolve_formatter(dotted: str):
     return getattr(importlib.import_module(module_name), attr)
 
 
-def format_chat(row: dict, index: int) -> str:
-    """UltraChat row -> plain text with role markers, one turn per line (spec wda.md §4)."""
-    if "messages" not in row:
-        raise DataError(f"row {index} has no field 'messages' (fields: {sorted(row)}): UltraChat rows need "
+CHAT_ROLES = {"user": "User", "human": "User", "assistant": "Assistant", "gpt": "Assistant", "bot": "Assistant",
+              "system": "System"}
+
+
+def chat_segments(row: dict, index: int, include_assistant_prefix_in_loss: bool = False) -> list[tuple[str, bool]]:
+    """UltraChat row -> (text, supervised) segments with the reference's plain-text markers (spec wda.md §4).
+
+    Each non-empty message (content stripped) becomes "User: " / "Assistant: " / "System: " + content + "\n", as
+    three segments that the token cache encodes separately.  Roles are matched case-insensitively with the aliases
+    user/human, assistant/gpt/bot, system; any other role is rendered as a user turn, as the reference does.  Only
+    assistant content is supervised (assistant-only loss); the "Assistant: " prefix too when
+    ``include_assistant_prefix_in_loss`` (the reference function's default; false in the 130M run).  ShareGPT-style
+    turns ({from, value}) are read as the reference reads them.  An empty conversation gives no segments (the row
+    is then skipped)."""
+    if not isinstance(row.get("messages"), list):
+        raise DataError(f"row {index} has no list field 'messages' (fields: {sorted(row)}): UltraChat rows need "
                         f"messages=[{{role, content}}, ...]")
-    roles = {"user": "User", "human": "User", "assistant": "Assistant", "gpt": "Assistant", "bot": "Assistant",
-             "system": "System"}
-    lines = []
+    segments: list[tuple[str, bool]] = []
     for turn in row["messages"]:
-        content = (turn.get("content") or "").strip()
-        if content:
-            lines.append(f"{roles.get(turn.get('role', ''), 'User')}: {content}\n")
-    return "".join(lines)
+        role = CHAT_ROLES.get(str(turn.get("role") or turn.get("from") or "user").strip().lower(), "User")
+        content = str(turn.get("content") or turn.get("value") or turn.get("text") or "").strip()
+        if not content:
+            continue
+        assistant = role == "Assistant"
+        segments += [(f"{role}: ", assistant and include_assistant_prefix_in_loss), (content, assistant),
+                     ("\n", False)]
+    return segments
+
+
+def format_chat(row: dict, index: int) -> str:
+    """UltraChat row -> plain text with role markers, one turn per line: the text of ``chat_segments`` (spec
+    wda.md §4) without its loss mask, for full-loss training on conversations."""
+    return "".join(text for text, _ in chat_segments(row, index))

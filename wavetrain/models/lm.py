@@ -165,6 +165,9 @@ def build_model(cfg: DictConfig, vocab_size: int | None = None) -> LanguageModel
             interference=interference.get(layer), interference_site=site,
             checkpoint_attention=bool(shell.activation_checkpointing)))
     rows = shell.get("position_rows") or int(cfg.seq_len)
+    if shell.position == "learned" and rows < int(cfg.seq_len):
+        raise ValueError(f"model.position_rows={rows} is shorter than seq_len={cfg.seq_len}: set "
+                         f"model.position_rows=null (one row per position) or a value >= seq_len")
     model = LanguageModel(resolve_vocab_size(cfg, vocab_size), dim, blocks, position=shell.position,
                           position_rows=int(rows), dropout=float(scale.dropout),
                           embedding_dropout=bool(shell.embedding_dropout), final_norm=bool(shell.final_norm),
