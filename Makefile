@@ -21,5 +21,9 @@ test-fast:
 train:
 	$(PY) -m wavetrain
 
+# attention benchmark (tables + CSV + PNG under outputs/bench/); e.g. make bench BENCH_ARGS="--attention standard,wavefield"
+bench:
+	$(PY) -m wavetrain.bench $(BENCH_ARGS)
+
 clean:
 	rm -rf outputs multirun wandb lightning_logs .pytest_cache

@@ -29,6 +29,18 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     return cache
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Small fp64 problems run fastest on one intra-op thread; extra OpenMP threads only contend on a loaded
+    2-core machine (use with ``pytestmark = pytest.mark.usefixtures("single_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real corpora in ../shared/data (see its SOURCES.md); tests that need them skip when it is absent."""

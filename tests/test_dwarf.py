@@ -15,6 +15,7 @@ from causality import assert_causal, dependency_matrix, max_future_influence  # 
 
 from wavetrain.models import field_ops  # noqa: E402
 from wavetrain.models.attention import dwarf as dw  # noqa: E402
+from wavetrain.models.lm import apply_init  # noqa: E402
 
 FIELD = [name for name, c in dw.CONDITIONS.items() if c["class"] is dw.DwarfFieldAttention]
 DYADIC = [name for name, c in dw.CONDITIONS.items() if c["class"] is dw.DwarfDyadicAttention]
@@ -24,25 +25,12 @@ O44 = sorted(set(range(33)) | {48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1
 O74 = sorted(set(range(65)) | {96, 128, 192, 256, 384, 512, 768, 1024, 1536})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These small fp64 problems run fastest on one thread; extra OpenMP threads only contend on a loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def shell_init(module: nn.Module, std: float = 0.02) -> nn.Module:
     """What the model shell does: N(0, std²) Linear weights, zero biases, then post_init() (spec §1 init pass)."""
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear):
-            nn.init.normal_(sub.weight, 0.0, std)
-            if sub.bias is not None:
-                nn.init.zeros_(sub.bias)
-    for sub in module.modules():
-        if hasattr(sub, "post_init"):
-            sub.post_init()
+    apply_init(module, "normal", std)
     return module
 
 

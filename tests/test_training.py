@@ -65,6 +65,13 @@ def test_wandb_offline_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert len(runs) == 1 and (tmp_path / "logs" / "metrics.csv").exists()
 
 
+def test_tensorboard_logger_writes_events_beside_the_csv(tmp_path: Path) -> None:
+    train(compose_config(TINY + ["trainer.max_steps=10", "logger=tensorboard", "trainer.precision=32-true"]),
+          run_dir=tmp_path)
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (tmp_path / "logs" / "metrics.csv").exists()
+
+
 def test_lr_schedule_warmup_then_cosine_to_min_lr() -> None:
     kwargs = dict(schedule="warmup_cosine", warmup_steps=10, max_steps=110, lr=1e-3, min_lr=1e-4)
     assert lr_factor(0, **kwargs) == pytest.approx(0.1)

@@ -30,13 +30,7 @@ from wavetrain.models.field_ops import (  # noqa: E402
 DIM, HEADS = 32, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """These tensors are tiny: one intra-op thread avoids barrier stalls when other jobs share the 2 CPU cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _attention(seq_len: int, field_size: int | str, dim: int = DIM, heads: int = HEADS, seed: int = 0,

@@ -29,13 +29,7 @@ SMALL = dict(dim=32, n_heads=2, seq_len=48, num_masks=4, num_waves_per_mask=2, t
              content_rank=3, mod_rank=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tensors here are tiny: one intra-op thread avoids OpenMP spin contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def small(seed: int = 0, **options) -> WaveDensityAttention:

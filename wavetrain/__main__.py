@@ -26,8 +26,19 @@ def main(cfg: DictConfig) -> float | None:
         results = train(cfg)
     except Exception as error:
         record_failure(cfg, error)
+        finish_wandb(cfg, exit_code=1)
         raise
+    finish_wandb(cfg, exit_code=0)
     return results.get("best_val_loss")
+
+
+def finish_wandb(cfg: DictConfig, exit_code: int) -> None:
+    """Close this job's W&B run: the jobs of a sequential multirun share one process, and an open run would be
+    reused (and mislabelled) by the next job."""
+    if cfg.logger.kind == "wandb":
+        import wandb
+
+        wandb.finish(exit_code=exit_code)
 
 
 def record_failure(cfg: DictConfig, error: BaseException) -> None:

@@ -2,21 +2,50 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
 import lightning as L
+import torch
+
+from wavetrain.flops import model_flops_per_token, peak_bf16_flops
+
+log = logging.getLogger(__name__)
 
 
 class ThroughputMonitor(L.Callback):
     """Logs ``tokens_per_sec`` (supervised + unsupervised input tokens of all ranks per wall second) every
-    ``log_every_n_steps`` and keeps the run's mean (first window excluded: it holds compilation/warm-up)."""
+    ``log_every_n_steps`` and keeps the run's mean (first window excluded: it holds compilation/warm-up).
+
+    On a GPU whose peak is known (wavetrain.flops.PEAK_BF16_FLOPS) it also logs ``mfu``: tokens/s per device ×
+    analytic training FLOPs per token (wavetrain.flops.model_flops_per_token at seq_len) / the device's dense bf16
+    peak. Elsewhere (CPU, an unknown GPU, an attention without a FLOP formula) there is no MFU and a note says why."""
 
     def __init__(self) -> None:
         self.window_tokens = 0
         self.window_start: float | None = None
         self.windows: list[tuple[int, float]] = []
+        self.flops_per_token: float | None = None
+        self.peak_flops: float | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        device = pl_module.device
+        if device.type != "cuda":
+            reason = f"MFU is reported on CUDA devices only (training on {device.type})"
+        else:
+            self.peak_flops = peak_bf16_flops(torch.cuda.get_device_name(device))
+            reason = None if self.peak_flops else (f"no MFU: {torch.cuda.get_device_name(device)} is not in "
+                                                   f"wavetrain.flops.PEAK_BF16_FLOPS")
+        if self.peak_flops:
+            try:
+                self.flops_per_token = model_flops_per_token(getattr(pl_module, "model", pl_module),
+                                                             int(pl_module.cfg.seq_len))
+            except (KeyError, AttributeError) as error:
+                reason = f"no MFU: {error}"
+        if reason and trainer.is_global_zero:
+            log.info(reason)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.window_start is None:
@@ -28,6 +57,8 @@ class ThroughputMonitor(L.Callback):
             elapsed = time.perf_counter() - self.window_start
             rate = self.window_tokens / max(elapsed, 1e-9)
             pl_module.log("tokens_per_sec", rate, on_step=True, on_epoch=False, prog_bar=True)
+            if self.flops_per_token and self.peak_flops:
+                pl_module.log("mfu", self.mfu(rate, trainer.world_size), on_step=True, on_epoch=False)
             self.windows.append((self.window_tokens, elapsed))
             self.window_tokens, self.window_start = 0, None
 
@@ -40,6 +71,12 @@ class ThroughputMonitor(L.Callback):
         if not windows:
             return None
         return sum(t for t, _ in windows) / sum(s for _, s in windows)
+
+    def mfu(self, tokens_per_sec: float | None, world_size: int = 1) -> float | None:
+        """Model FLOPs utilisation of ``tokens_per_sec`` (all ranks) against ``world_size`` devices' peak."""
+        if not (tokens_per_sec and self.flops_per_token and self.peak_flops):
+            return None
+        return tokens_per_sec * self.flops_per_token / (self.peak_flops * world_size)
 
 
 class RunSummary(L.Callback):
@@ -66,6 +103,7 @@ class RunSummary(L.Callback):
             "best_checkpoint": self.checkpoints.best_model_path or None,
             "steps": trainer.global_step,
             "tokens_per_sec": self.throughput.mean_tokens_per_sec(),
+            "mfu": self.throughput.mfu(self.throughput.mean_tokens_per_sec(), trainer.world_size),
             "n_parameters": pl_module.n_parameters,
             **self.static,
         })

@@ -159,7 +159,7 @@ def wda_flops(module: WaveDensityAttention, n_tokens: int, batch: int = 1) -> At
     - ``prefix_mixdens``: per-mask densities 5·H·M·N, FFT convolutions of the B·H·(1 + d_h) channels with the H·M
       mask densities (B·H·M·(1 + d_h) products and inverse FFTs), per-position mixture 2·B·H·N·M·(1 + d_h);
     - ``full``: one kernel per sequence, 2·B·H·M·N + 5·B·H·N, one FFT convolution of B·H·(1 + d_h) channels;
-    - content path (§2.6, chunk c = 64): H·N·(4·r·d_h + 2·c·r + 2·c·d_h) per sequence; gates and normalisation 6·N·D.
+    - content path (§2.6, chunk c = 64): H·N·(4·r·d_h + 2·c·r + 2·c·d_h) per sequence; gates, blends, pooling 9·N·D.
     """
     dim, heads, head_dim = module.dim, module.n_heads, module.head_dim
     masks, waves, hidden = module.num_masks, module.num_waves_per_mask, module.gate_hidden
@@ -184,7 +184,7 @@ def wda_flops(module: WaveDensityAttention, n_tokens: int, batch: int = 1) -> At
         density = (2.0 * batch * heads * masks * n_tokens + (ELEMENTWISE_TRANSCENDENTAL + 1) * batch * heads * n_tokens
                    + causal_fft_conv_flops(n_tokens, batch * heads * channels, batch * heads, batch * heads * channels))
     content = heads * n * (4.0 * rank * head_dim + 2.0 * CONTENT_CHUNK * (rank + head_dim)) if rank else 0.0
-    gates = 6.0 * n * dim + n * dim  # σ gates, normalisation, qm·ctx + (1 − qm)·v, prefix-mean pooling
+    gates = 9.0 * n * dim  # km·v, the normalising division, the content blend (2), qm·ctx + (1 − qm)·v (3), pooling (2)
     return AttentionFlops(projections=projections, mixing=render + routing + density + content + gates)
 
 
@@ -258,6 +258,7 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("A100", 312e12),
     ("A800", 312e12),
     ("L40S", 362e12),
+    ("L40", 181e12),
     ("L4", 121e12),
     ("A10", 125e12),
 )

@@ -112,7 +112,8 @@ class LanguageModelTask(L.LightningModule):
         opt = self.cfg.optim
         optimizer = torch.optim.AdamW(parameter_groups(self.model, float(opt.weight_decay), bool(opt.decay_all)),
                                       lr=float(opt.lr), betas=tuple(opt.betas), eps=float(opt.eps))
-        max_steps = int(self.cfg.trainer.max_steps)
+        # the schedule's horizon: optim.schedule_steps when set (DWARF §2.A decays over 10·spe steps), else the run
+        max_steps = int(opt.get("schedule_steps") or self.cfg.trainer.max_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
             step, schedule=opt.schedule, warmup_steps=int(opt.warmup_steps), max_steps=max_steps,
             lr=float(opt.lr), min_lr=float(opt.min_lr)))

@@ -90,7 +90,14 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
 
 def apply_epoch_budget(cfg: DictConfig, data: L.LightningDataModule) -> None:
     """With ``run.epochs`` (and ``optim.warmup_epochs``), derive trainer.max_steps (and optim.warmup_steps) from
-    the train split's size, as the epoch-based protocols do (spec wavefield.md §4: 3 warmup of 30 epochs)."""
+    the train split's size, as the epoch-based protocols do (spec wavefield.md §4: 3 warmup of 30 epochs).
+    ``optim.schedule_epochs`` sets the schedule's horizon (optim.schedule_steps) apart from the run's length;
+    ``optim.epoch_steps: micro_batches`` counts an epoch of warmup/schedule as its number of micro-batches, the
+    step-count mismatch of the DWARF §2.A code (spec dwarf.md §2.A); ``optimizer_steps`` (default) as optimiser
+    steps."""
+    epoch_steps = cfg.optim.get("epoch_steps", "optimizer_steps")
+    if epoch_steps not in ("optimizer_steps", "micro_batches"):
+        raise ValueError(f"optim.epoch_steps={epoch_steps!r} is unknown: use optimizer_steps or micro_batches")
     if cfg.run.get("epochs") is None:
         return
     examples = data.train_examples_per_epoch()
@@ -102,9 +109,13 @@ def apply_epoch_budget(cfg: DictConfig, data: L.LightningDataModule) -> None:
     batch, accumulation = int(cfg.data.batch_size), int(cfg.trainer.accumulate_grad_batches)
     with open_dict(cfg):
         cfg.trainer.max_steps = steps_for_epochs(examples, float(cfg.run.epochs), batch, accumulation, world)
+        unit = accumulation if epoch_steps == "micro_batches" else 1
         if cfg.optim.get("warmup_epochs") is not None:
-            cfg.optim.warmup_steps = steps_for_epochs(examples, float(cfg.optim.warmup_epochs), batch,
+            cfg.optim.warmup_steps = steps_for_epochs(examples, float(cfg.optim.warmup_epochs) * unit, batch,
                                                       accumulation, world)
+        if cfg.optim.get("schedule_epochs") is not None:
+            cfg.optim.schedule_steps = steps_for_epochs(examples, float(cfg.optim.schedule_epochs) * unit, batch,
+                                                        accumulation, world)
     log.info("%s epochs of %d examples = %d optimiser steps", cfg.run.epochs, examples, cfg.trainer.max_steps)
     validate_config(cfg)
 
@@ -118,6 +129,12 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     L.seed_everything(int(cfg.seed), workers=True)
     data = build_datamodule(cfg)
     vocab_size = data.prepare()
+    tokenizer = getattr(data, "tokenizer", None)
+    if tokenizer is not None and hasattr(tokenizer, "save"):  # the run's own copy (wavetrain.eval.passkey reads it)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        copy = run_dir / f"tokenizer.json.tmp{os.getpid()}"
+        tokenizer.save(copy)
+        os.replace(copy, run_dir / "tokenizer.json")
     apply_epoch_budget(cfg, data)
     if cfg.run.test and not data.has_split("test"):
         raise ValueError(f"run.test=true but data={cfg.run.choices.get('data')} has no test split: set "

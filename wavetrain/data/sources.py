@@ -131,6 +131,10 @@ class HFTextSource:
     glob), e.g. WikiText-2's wiki.{train,valid,test}.raw; without it, local files are carved like one corpus.
     ``skip_prefixes`` drops rows whose (stripped) text starts with one of them (WikiText's "= Heading =" lines,
     spec wavefield.md §4).
+    ``max_docs_counts``: ``kept`` takes the first ``max_docs`` documents that pass ``strip``/``min_chars``;
+    ``read`` reads the first ``max_docs`` rows and filters those (DWARF §2.A: 100,000 docs, then len > 50).
+    ``carve_edges``: ``round`` cuts at start + round(n·fraction) per split; ``floor`` at int(n·cumulative
+    fraction), i.e. [0, int(0.95n)), [int(0.95n), int(0.975n)), rest (DWARF §2.A).
     ``formatter`` turns a row into its document (a callable path such as the UltraChat formatter, called with
     ``formatter_options`` as keyword arguments): a string, or (text, supervised) segments for a loss mask."""
 
@@ -139,7 +143,13 @@ class HFTextSource:
                  max_docs: int | None = None, streaming: bool = True, features: dict[str, str] | None = None,
                  min_chars: int = 0, strip: bool = False, formatter: str | None = None,
                  formatter_options: dict | None = None, local_files: dict[str, str] | None = None,
-                 skip_prefixes: list[str] | None = None) -> None:
+                 skip_prefixes: list[str] | None = None, max_docs_counts: str = "kept",
+                 carve_edges: str = "round") -> None:
+        if max_docs_counts not in ("kept", "read"):
+            raise DataError(f"data.source.max_docs_counts={max_docs_counts!r}: use kept (documents after the "
+                            f"filter) or read (rows read from the corpus, then filtered)")
+        if carve_edges not in ("round", "floor"):
+            raise DataError(f"data.source.carve_edges={carve_edges!r}: use round or floor")
         self.hub_id = hub_id
         self.hub_config = hub_config
         self.text_field = text_field
@@ -154,12 +164,16 @@ class HFTextSource:
         self.formatter_options = dict(formatter_options or {})
         self.local_files = dict(local_files) if local_files else None
         self.skip_prefixes = tuple(skip_prefixes or ())
+        self.max_docs_counts = max_docs_counts
+        self.carve_edges = carve_edges
 
     def fingerprint(self, path: str | None) -> str:
         origin = f"{self.hub_id}/{self.hub_config}" if path is None else _path_fingerprint(path)
         key = (origin, self.text_field, self.splits, self.carve, self.max_docs, self.min_chars, self.strip,
                self.formatter) + ((sorted(self.formatter_options.items()),) if self.formatter_options else ())
         key += ((self.local_files, self.skip_prefixes),) if self.local_files or self.skip_prefixes else ()
+        key += ((self.max_docs_counts, self.carve_edges),) if (self.max_docs_counts, self.carve_edges) != (
+            "kept", "round") else ()
         return hashlib.sha1(repr(key).encode()).hexdigest()[:12]
 
     def _load(self, split: str, path: str | None) -> Iterable[dict]:
@@ -227,14 +241,23 @@ class HFTextSource:
 
     def _carved(self, split: str, path: str | None) -> Iterator[str]:
         carve = self.carve or {"train": 0.9, "validation": 0.05, "test": 0.05}
-        docs = list(itertools.islice(self._texts(self._load(self.splits.get("train", "train"), path)),
-                                     self.max_docs))
+        rows = self._load(self.splits.get("train", "train"), path)
+        if self.max_docs_counts == "read":
+            docs = list(self._texts(itertools.islice(rows, self.max_docs)))
+        else:
+            docs = list(itertools.islice(self._texts(rows), self.max_docs))
         n = len(docs)
         if n == 0:
             raise DataError(f"no documents in {path or self.hub_id}: the corpus is empty")
-        edges, start = {}, 0
+        edges, start, cumulative = {}, 0, 0.0
         for name in SPLITS:
-            stop = start + int(round(n * carve.get(name, 0.0))) if name != "test" else n
+            cumulative += carve.get(name, 0.0)
+            if name == "test":
+                stop = n
+            elif self.carve_edges == "floor":
+                stop = int(n * cumulative)
+            else:
+                stop = start + int(round(n * carve.get(name, 0.0)))
             edges[name] = (start, min(stop, n))
             start = edges[name][1]
         lo, hi = edges[split]

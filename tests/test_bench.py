@@ -1,0 +1,213 @@
+"""The attention benchmark (python -m wavetrain.bench) and the analytic FLOP counts of wavetrain/flops.py.
+
+FLOP formulas are checked against counts worked out by hand for tiny modules; the benchmark runs end to end at tiny
+sizes (no timing is asserted: speed targets are read from its table, never tested)."""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from wavetrain import build_model, compose_config
+from wavetrain.bench import (BenchError, Measurement, Settings, Track, growth_exponent, main, measure_case,
+                             parse_variant, select_variants)
+from wavetrain.callbacks import ThroughputMonitor
+from wavetrain.flops import (attention_flops, causal_fft_conv_flops, model_flops_per_token, peak_bf16_flops,
+                             real_fft_flops)
+from wavetrain.models.attention.dwarf import DwarfDyadicAttention, DwarfFieldAttention
+from wavetrain.models.attention.standard import CausalSelfAttention
+from wavetrain.models.attention.wavefield import WaveFieldAttention
+from wavetrain.models.attention.wda import WaveDensityAttention
+
+
+# ------------------------------------------------------------------------------------------------ FLOP counts
+def test_standard_attention_flops_by_hand() -> None:
+    module = CausalSelfAttention(dim=8, n_heads=2, seq_len=4)
+    flops = attention_flops(module, n_tokens=4)
+    # qkv: 4 tokens × 8 inputs × 24 outputs × 2 = 1536; out: 4 × 8 × 8 × 2 = 512
+    assert flops.projections == 2048
+    # per head (d_h = 4): Q·Kᵀ 4×4 scores × 4 MACs = 64 MACs, A·V the same: 2 heads × 128 MACs × 2 FLOP = 512
+    assert flops.mixing == 512
+    assert attention_flops(module, n_tokens=4, batch=3).total == 3 * 2560
+
+
+def test_fft_flops_by_hand() -> None:
+    assert real_fft_flops(8, channels=2) == 2.5 * 8 * 3 * 2
+    # length 3 -> n_fft = next_fast_len(6) = 6, 4 bins; log2(6) is not an integer
+    assert causal_fft_conv_flops(3, 1, 1, 1) == pytest.approx(3 * 2.5 * 6 * math.log2(6) + 6 * 4)
+
+
+def test_wavefield_flops_by_hand() -> None:
+    module = WaveFieldAttention(dim=8, n_heads=2, seq_len=3)
+    assert module.field_size == 4  # auto: G = seq_len + 1, stride 1 (spec wavefield.md §7)
+    flops = attention_flops(module, n_tokens=3)
+    assert flops.projections == 10 * 3 * 8 * 8  # q, k, v, gate, out
+    # n_fft = next_fast_len(2·4) = 8 (3 stages), 5 bins; channels B·D = 8, kernel channels H = 2
+    elementwise = 3 * 24 + 4 * 24 + 3 * 24 + 5 * 24      # deposit, scatter, gather, gate over N·D = 24
+    fft = 2.5 * 8 * 3 * 8 + 2.5 * 8 * 3 * 2 + 6 * 5 * 8 + 2.5 * 8 * 3 * 8
+    coupling = 2 * 2 * 8 * 4                              # H × H mixing per cell and channel
+    kernel = 8 * 2 * 4                                    # damped cosine per head and tap
+    assert flops.mixing == elementwise + fft + coupling + kernel == 1872
+
+
+def test_dwarf_field_flops_grow_with_field_not_tokens() -> None:
+    module = DwarfFieldAttention(dim=8, n_heads=2, seq_len=64, field_size=256)
+    small, large = attention_flops(module, 16), attention_flops(module, 64)
+    # the FFT over G = 256 cells dominates: four times the tokens cost far less than four times the mixing
+    assert large.projections == 4 * small.projections
+    assert small.mixing < large.mixing < 1.2 * small.mixing
+
+
+def test_dwarf_dyadic_flops_by_hand() -> None:
+    module = DwarfDyadicAttention(dim=8, n_heads=2, seq_len=64, gather="softmax", tap_set="dense_dyadic",
+                                  dense_max=32, dyadic_max=1536, scale_gains="none", pos_bias_init="alibi",
+                                  oob_mode="mask")
+    slots = len(module.slot_offsets)
+    assert slots == 44  # 0..32 and 48, 64, ..., 1536 (spec dwarf.md §3.N)
+    flops = attention_flops(module, n_tokens=40)
+    assert flops.projections == 10 * 40 * 64
+    unique = 33  # offsets 0..32 are < 40, 48 is not
+    scores = weighting = 2 * 40 * unique * 8
+    assert flops.mixing == scores + weighting + 6 * 40 * 2 * slots + 5 * 40 * 8 == 64960
+
+
+def test_wda_prefix_flops_by_hand() -> None:
+    module = WaveDensityAttention(dim=8, n_heads=2, seq_len=4, num_masks=2, num_waves_per_mask=1, topk_masks=1,
+                                  gate_hidden=4, mod_rank=1, content_mix=0.0, gate_pooling="prefix")
+    flops = attention_flops(module, n_tokens=4)
+    # v_proj + out_proj 2·(2·4·8·8) = 1024, q_mod + k_mod 2·(2·4·8·2) = 256, gating and mask-scaling MLPs on the
+    # 4 prefix means: 2·4·2·4·(8 + 2) + 2·4·2·4·(8 + 1) = 1216
+    assert flops.projections == 1024 + 256 + 1216
+    render = 15 * 2 * 2 * 1 * 4                # H·M·W·N waves
+    routing = 4 * 2 * 2 * (8 + 2)              # rows·H·M·(two transcendental-ish ops + 2·mod_rank)
+    density = 2 * 16 * (2 * 2 + 5 + 2 * 5)     # H·N²·(mixture 2M + density/window 5 + A·Z 2·(1 + d_h))
+    assert flops.mixing == render + routing + density + 9 * 4 * 8 == 1296
+
+
+def test_wda_mixdens_is_n_log_n_and_prefix_quadratic() -> None:
+    def mixing(pooling: str, n: int) -> float:
+        module = WaveDensityAttention(dim=32, n_heads=2, seq_len=n, gate_pooling=pooling)
+        return attention_flops(module, n).mixing
+    assert mixing("prefix", 4096) / mixing("prefix", 2048) > 3.5
+    assert mixing("prefix_mixdens", 4096) / mixing("prefix_mixdens", 2048) < 2.3
+
+
+def test_model_flops_per_token_by_hand() -> None:
+    cfg = compose_config(["scale=tiny", "seq_len=16"])  # D 32, 2 layers, 2 heads, FFN 128, tied head
+    model = build_model(cfg, vocab_size=10)
+    # outside attention: FFN 2 × (32·128 + 128·32) = 16384 and the tied head 10·32 = 320 -> 6 × 16704
+    # attention per layer and token: projections 8·32² = 8192, scores 4·16·32 = 2048 -> 3 × 2 layers × 10240
+    assert model_flops_per_token(model, 16) == 6 * 16704 + 3 * 2 * 10240
+
+
+def test_peak_flops_table() -> None:
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_bf16_flops("NVIDIA H200") == 989e12
+    assert peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_bf16_flops("NVIDIA GeForce GTX 1080") is None
+
+
+def test_throughput_monitor_mfu() -> None:
+    monitor = ThroughputMonitor()
+    cpu_module = SimpleNamespace(device=torch.device("cpu"))
+    monitor.on_fit_start(SimpleNamespace(is_global_zero=True), cpu_module)
+    assert monitor.mfu(1000.0) is None  # CPU: no MFU
+    monitor.flops_per_token, monitor.peak_flops = 6e9, 1e12
+    assert monitor.mfu(100.0) == pytest.approx(0.6)
+    assert monitor.mfu(200.0, world_size=2) == pytest.approx(0.6)
+
+
+# ------------------------------------------------------------------------------------------------ the command
+def test_variant_syntax_and_selection() -> None:
+    variant = parse_variant("wda@gate_pooling=prefix_mixdens@model.norm=pre", ["standard", "wda"])
+    assert variant.config == "wda"
+    assert variant.overrides == ("attention.gate_pooling=prefix_mixdens", "model.norm=pre")
+    with pytest.raises(BenchError, match="not a config in conf/attention"):
+        parse_variant("nope", ["standard", "wda"])
+    with pytest.raises(BenchError, match="not key=value"):
+        parse_variant("wda@gate_pooling", ["standard", "wda"])
+    assert [v.label for v in select_variants("wavefield")] == ["standard", "wavefield"]
+    assert [v.label for v in select_variants("wavefield,standard")] == ["standard", "wavefield"]
+
+
+def test_growth_exponent_and_prediction() -> None:
+    assert growth_exponent(512, 1.0, 1024, 4.0) == pytest.approx(2.0)
+    assert growth_exponent(512, 1.0, 1024, None) is None
+    track = Track(points=[(100, 1.0, 1e6), (200, 4.0, 2e6)])
+    assert track.predicted_seconds(400) == pytest.approx(16.0)
+    assert track.predicted_bytes(400) == pytest.approx(4e6)
+
+
+def test_case_predicted_over_budget_or_memory_is_skipped_without_running() -> None:
+    settings = Settings(device=torch.device("cpu"), lengths=[100, 200, 400], batch=1, dim=8, heads=2, layers=1,
+                        ffn_dim=32, vocab=16, precision="32-true", warmup=1, repeats=3, budget=10.0,
+                        max_memory=2**29, measures=("fwd",))
+
+    def never() -> None:
+        raise AssertionError("a case predicted not to fit must not be built")
+    slow = Track(points=[(100, 1.0, None), (200, 4.0, None)])
+    result = measure_case(never, settings, slow, 400)
+    assert result.median_s is None and "budget" in result.note
+    assert "budget" in measure_case(never, settings, slow, 800).note  # longer lengths stay skipped
+    big = Track(points=[(100, 1e-3, 2**28), (200, 2e-3, 2**29)])
+    assert "memory limit" in measure_case(never, settings, big, 400).note
+    fine = Track()
+    result = measure_case(lambda: (lambda: None), settings, fine, 100)
+    assert isinstance(result, Measurement) and result.median_s is not None and result.runs == 3
+
+
+def test_benchmark_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "bench"
+    code = main(["--attention", "wavefield", "--lengths", "16,32", "--dim", "16", "--heads", "2", "--layers", "1",
+                 "--repeats", "2", "--vocab", "32", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "## Attention module alone" in printed and "## One model step" in printed
+    assert "wavefield N=32 fwd+bwd" in printed  # one progress line per case
+    rows = list(csv.DictReader(open(out / "bench.csv")))
+    cases = {(r["variant"], r["n_tokens"], r["measure"]): r for r in rows}
+    assert set(cases) == {(v, n, m) for v in ("standard", "wavefield") for n in ("16", "32")
+                          for m in ("fwd", "fwdbwd", "step")}
+    for row in rows:
+        assert float(row["median_ms"]) > 0 and float(row["tokens_per_s"]) > 0
+        assert float(row["attention_gflop_fwd"]) > 0
+    assert all(float(r["sdpa_over_this"]) == 1.0 for r in rows if r["variant"] == "standard")
+    assert all(r["growth_exponent"] for r in rows if r["n_tokens"] == "32")
+    assert float(cases[("wavefield", "32", "step")]["model_gflop_per_token"]) > 0
+    table = (out / "bench.md").read_text()
+    assert "| wavefield | 32 |" in table and "SDPA ÷ this" in table
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmark_notes_what_exceeds_the_budget(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    assert main(["--attention", "standard", "--lengths", "16,32", "--dim", "16", "--heads", "2", "--parts",
+                 "attention", "--budget", "1e-9", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "bench.csv")))
+    assert {r["measure"] for r in rows} == {"fwd", "fwdbwd"}
+    assert all(not r["median_ms"] and "budget" in r["note"] for r in rows)
+
+
+def test_bad_arguments_name_the_fix(capsys: pytest.CaptureFixture) -> None:
+    assert main(["--attention", "nope"]) == 2
+    assert "not a config in conf/attention" in capsys.readouterr().err
+    assert main(["--lengths", "a,b"]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+    assert main(["--parts", "everything"]) == 2
+    assert "--parts" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_overhead_mode_compares_trainer_with_plain_loop(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["--overhead", "--overhead-steps", "3", "--overhead-warmup", "2", "--out", str(tmp_path),
+                 "scale=tiny", "seq_len=32", "data.batch_size=4", "trainer.precision=32-true",
+                 "trainer.log_every_n_steps=1"]) == 0
+    printed = capsys.readouterr().out
+    assert "Trainer ÷ plain loop" in printed
+    report = (tmp_path / "overhead.json").read_text()
+    assert '"trainer_over_plain"' in report

@@ -1,0 +1,386 @@
+"""The report of one sweep: ``python -m wavetrain.report <multirun folder | sweep name>``.
+
+Reads the multirun folder's ``multirun.yaml`` (the sweep's metadata, published values and job grid) and every job's
+``results.json``, ``.hydra/overrides.yaml`` and ``logs/metrics.csv``; writes ``report.md`` (one row per variant: the
+metrics as mean ± std over seeds, the published value, the difference and a status: done, failed with the error's
+first line, or missing) and ``report.png`` (validation-loss curves of every row, and a bar chart of the headline
+metric with the published values marked) into the multirun folder.  A failed or missing job never stops the
+report: its row says so.  The sweep-file format is documented in sweeps/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from wavetrain.sweep import latest_multirun
+
+SEED_KEY = "seed"
+DEFAULT_COLUMNS = ("val_loss", "val_ppl", "val_acc")
+LABELS = {"val_loss": "val loss", "val_ppl": "val ppl", "val_acc": "val acc", "best_val_loss": "best val loss",
+          "test_loss": "test loss", "test_ppl": "test ppl", "test_acc": "test acc", "tokens_per_sec": "tokens/s",
+          "n_parameters": "params"}
+
+
+@dataclass
+class Job:
+    """One launched (or expected) job of the sweep."""
+
+    number: int
+    overrides: list[str]
+    directory: Path | None
+    results: dict | None = None
+
+    @property
+    def status(self) -> str:
+        if self.results is None:
+            return "missing"
+        return str(self.results.get("status", "done"))
+
+    @property
+    def error(self) -> str:
+        return str((self.results or {}).get("error", "")).strip()
+
+
+@dataclass
+class Row:
+    """The jobs of one variant (its sweep overrides without the seed), one per seed."""
+
+    key: tuple[tuple[str, str], ...]
+    jobs: list[Job] = field(default_factory=list)
+    references: list[dict] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.key) or "(all)"
+
+    def values(self, metric: str) -> list[float]:
+        out = []
+        for job in self.jobs:
+            value = (job.results or {}).get(metric) if job.status == "done" else None
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                out.append(float(value))
+        return out
+
+    def mean(self, metric: str) -> float | None:
+        values = self.values(metric)
+        return statistics.fmean(values) if values else None
+
+    def status(self) -> str:
+        done = sum(job.status == "done" for job in self.jobs)
+        failed = [job for job in self.jobs if job.status == "failed"]
+        missing = sum(job.status == "missing" for job in self.jobs)
+        n = len(self.jobs)
+        if done == n:
+            return "done" if n == 1 else f"done {done}/{n}"
+        parts = [f"done {done}/{n}"] if done else []
+        if failed:
+            first = failed[0].error or "no error recorded"
+            parts.append(f"failed{'' if len(failed) == 1 else f' {len(failed)}/{n}'}: {first}")
+        if missing:
+            parts.append("missing" if missing == n else f"missing {missing}/{n}")
+        return "; ".join(parts)
+
+
+@dataclass
+class Sweep:
+    """A multirun folder with its metadata and rows."""
+
+    directory: Path
+    name: str
+    table: str
+    metric: str
+    goal: str
+    columns: list[str]
+    references: list[dict]
+    rows: list[Row]
+    pivot: dict | None = None
+
+
+def _read_yaml_list(path: Path) -> list[str] | None:
+    if not path.exists():
+        return None
+    return [str(item) for item in OmegaConf.to_container(OmegaConf.load(path))]
+
+
+def _read_results(directory: Path) -> dict | None:
+    path = directory / "results.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError) as error:
+        return {"status": "failed", "error": f"unreadable results.json: {error}"}
+
+
+def _split_override(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+def expected_jobs(master: DictConfig) -> list[list[str]]:
+    """The jobs Hydra's basic sweeper launches for this multirun (from multirun.yaml), in launch order."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = OmegaConf.to_container(master.hydra.sweeper.get("params") or {}, resolve=True)
+    arguments = [f"{k}={v}" for k, v in params.items()] + [str(o) for o in master.hydra.overrides.task]
+    parsed = OverridesParser.create().parse_overrides(arguments)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def _sweep_axes(jobs: list[list[str]]) -> list[str]:
+    """Override keys that vary across the jobs (without the seed), in their order of appearance."""
+    seen: dict[str, set[str]] = {}
+    for job in jobs:
+        for override in job:
+            key, value = _split_override(override)
+            seen.setdefault(key, set()).add(value)
+    return [k for k, values in seen.items() if len(values) > 1 and k != SEED_KEY]
+
+
+def _matches(reference: dict, key: dict[str, str]) -> bool:
+    wanted = reference.get("match") or {}
+    return all(str(key.get(k)) == str(v) for k, v in wanted.items())
+
+
+def load_sweep(directory: Path) -> Sweep:
+    """Every job of the multirun folder (launched or not) grouped into rows, with the published values."""
+    directory = Path(directory)
+    master_path = directory / "multirun.yaml"
+    master = OmegaConf.load(master_path) if master_path.exists() else None
+    meta = OmegaConf.to_container(master.sweep, resolve=True) if master is not None and "sweep" in master else {}
+    references = OmegaConf.to_container(master.reference, resolve=True) \
+        if master is not None and master.get("reference") else []
+    expected: list[list[str]] = []
+    if master is not None:
+        try:
+            expected = expected_jobs(master)
+        except Exception as error:  # an unreadable grid must not stop the report: fall back to the job folders
+            print(f"wavetrain.report: cannot expand the job grid of {master_path} ({error}); reporting the job "
+                  f"folders found", file=sys.stderr)
+    found = {int(p.name): p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()}
+    jobs = []
+    for number in range(max(len(expected), max(found, default=-1) + 1)):
+        job_dir = found.get(number)
+        overrides = _read_yaml_list(job_dir / ".hydra" / "overrides.yaml") if job_dir else None
+        if overrides is None:
+            overrides = expected[number] if number < len(expected) else []
+        jobs.append(Job(number, overrides, job_dir, _read_results(job_dir) if job_dir else None))
+    axes = _sweep_axes([job.overrides for job in jobs])
+    rows: dict[tuple, Row] = {}
+    for job in jobs:
+        values = dict(_split_override(o) for o in job.overrides)
+        key = tuple((axis, values.get(axis, "")) for axis in axes)
+        row = rows.setdefault(key, Row(key))
+        row.jobs.append(job)
+    for row in rows.values():
+        row.references = [r for r in references if _matches(r, dict(row.key))]
+    metric = str(meta.get("metric", "val_loss"))
+    columns = [c for c in meta.get("columns", DEFAULT_COLUMNS) if c != metric]
+    return Sweep(directory, str(meta.get("name", directory.name)), str(meta.get("table", directory.name)), metric,
+                 str(meta.get("goal", "min")), columns, references, list(rows.values()), meta.get("pivot"))
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}g}"
+
+
+def _mean_std(row: Row, metric: str) -> str:
+    values = row.values(metric)
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return _fmt(values[0])
+    return f"{_fmt(statistics.fmean(values))} ± {_fmt(statistics.stdev(values), 2)}"
+
+
+def _published(row: Row, metric: str) -> tuple[str, str]:
+    """(published, difference) cells: the references of the row, ours − published on the reference's metric."""
+    if not row.references:
+        return "—", "—"
+    published, differences = [], []
+    for ref in row.references:
+        ref_metric, value = str(ref.get("metric", metric)), ref.get("value")
+        suffix = "" if ref_metric == metric else f" ({LABELS.get(ref_metric, ref_metric)})"
+        published.append(f"{_fmt(value)}{suffix}" if isinstance(value, (int, float)) else f"{value}{suffix}")
+        ours = row.mean(ref_metric)
+        differences.append(f"{ours - value:+.3g}{suffix}" if ours is not None and isinstance(value, (int, float))
+                           else "—")
+    return "; ".join(published), "; ".join(differences)
+
+
+def markdown_table(sweep: Sweep) -> str:
+    """The report table: one row per variant."""
+    headline = LABELS.get(sweep.metric, sweep.metric)
+    arrow = "↓" if sweep.goal == "min" else "↑"
+    header = ["row", "seeds", f"{headline} {arrow}", "published", "Δ (ours − published)",
+              *[LABELS.get(c, c) for c in sweep.columns], "params", "tokens/s", "status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in sweep.rows:
+        published, difference = _published(row, sweep.metric)
+        params = row.mean("n_parameters")
+        rate = row.mean("tokens_per_sec")
+        cells = [f"`{row.label}`", str(len(row.jobs)), _mean_std(row, sweep.metric), published, difference,
+                 *[_mean_std(row, c) for c in sweep.columns], f"{params:,.0f}" if params else "—",
+                 f"{rate:,.0f}" if rate else "—", row.status().replace("|", "\\|")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pivot_table(sweep: Sweep) -> str | None:
+    """With ``sweep.pivot: {rows: <key>, columns: [<keys>]}``: the headline metric as a grid, plus each pivot row's
+    mean over the grid (the ordering of the variants)."""
+    if not sweep.pivot:
+        return None
+    row_key = str(sweep.pivot.get("rows", "attention"))
+    column_keys = [str(k) for k in sweep.pivot.get("columns", [])]
+    grid: dict[str, dict[tuple, float | None]] = {}
+    column_values: list[tuple] = []
+    for row in sweep.rows:
+        key = dict(row.key)
+        column = tuple(key.get(k, "") for k in column_keys)
+        if column not in column_values:
+            column_values.append(column)
+        grid.setdefault(key.get(row_key, ""), {})[column] = row.mean(sweep.metric)
+    headline = LABELS.get(sweep.metric, sweep.metric)
+    titles = [" ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(column_keys, col)) for col in column_values]
+    lines = [f"| {row_key} | " + " | ".join(titles) + f" | mean {headline} |",
+             "|" + "---|" * (len(titles) + 2)]
+    means = {}
+    for name, cells in grid.items():
+        values = [v for v in cells.values() if v is not None]
+        means[name] = statistics.fmean(values) if len(values) == len(column_values) else None
+    ordered = sorted(grid, key=lambda n: (means[n] is None, (means[n] or 0) * (1 if sweep.goal == "min" else -1)))
+    for name in ordered:
+        cells = [_fmt(grid[name].get(col)) for col in column_values]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(means[name])} |")
+    return "\n".join(lines)
+
+
+def read_curve(job: Job, metric: str = "val/loss") -> tuple[list[int], list[float]]:
+    """(steps, values) of one logged metric from the job's logs/metrics.csv (empty when absent)."""
+    path = job.directory / "logs" / "metrics.csv" if job.directory else None
+    if path is None or not path.exists():
+        return [], []
+    steps, values = [], []
+    with open(path, newline="") as handle:
+        for record in csv.DictReader(handle):
+            if record.get(metric):
+                steps.append(int(float(record["step"])))
+                values.append(float(record[metric]))
+    return steps, values
+
+
+def plot_report(sweep: Sweep, path: Path) -> None:
+    """Validation-loss curves of every row (left) and the headline metric per row with published values (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(sweep.rows)
+    height = max(4.0, 0.28 * n + 1.5)
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(15, height), gridspec_kw={"width_ratios": [1.2, 1]})
+    colors = plt.get_cmap("tab20" if n > 10 else "tab10")
+    for index, row in enumerate(sweep.rows):
+        color = colors(index % colors.N)
+        for seed_index, job in enumerate(row.jobs):
+            steps, values = read_curve(job)
+            if steps:
+                curves.plot(steps, values, color=color, alpha=0.9 if seed_index == 0 else 0.5, lw=1.2,
+                            label=row.label if seed_index == 0 else None)
+    curves.set_xlabel("optimiser step")
+    curves.set_ylabel("validation loss")
+    curves.set_title("validation loss")
+    curves.grid(alpha=0.3)
+    if n <= 24 and curves.get_legend_handles_labels()[0]:
+        curves.legend(fontsize=7, loc="upper right")
+    positions = list(range(n))
+    means = [row.mean(sweep.metric) for row in sweep.rows]
+    errors = [statistics.stdev(v) if len(v := row.values(sweep.metric)) > 1 else 0.0 for row in sweep.rows]
+    bars.barh(positions, [m if m is not None else 0.0 for m in means], xerr=errors,
+              color=[colors(i % colors.N) for i in positions], alpha=0.85)
+    marked = False
+    for i, row in enumerate(sweep.rows):
+        if means[i] is None:
+            bars.text(0, i, f"  {row.status().split(':')[0]}", va="center", fontsize=7, color="crimson")
+        for ref in row.references:
+            if str(ref.get("metric", sweep.metric)) == sweep.metric and isinstance(ref.get("value"), (int, float)):
+                bars.plot(ref["value"], i, marker="D", color="black", ms=6, ls="none",
+                          label=None if marked else "published")
+                marked = True
+    bars.set_yticks(positions, [row.label for row in sweep.rows], fontsize=7)
+    bars.invert_yaxis()
+    bars.set_xlabel(f"{LABELS.get(sweep.metric, sweep.metric)} ({'lower' if sweep.goal == 'min' else 'higher'} "
+                    f"is better; mean ± std over seeds)")
+    bars.grid(axis="x", alpha=0.3)
+    if marked:
+        bars.legend(fontsize=8, loc="lower right")
+    fig.suptitle(sweep.table)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(directory: Path) -> tuple[Path, Path]:
+    """Write report.md and report.png into the multirun folder; returns their paths."""
+    sweep = load_sweep(directory)
+    counts = {s: sum(job.status == s for row in sweep.rows for job in row.jobs) for s in ("done", "failed", "missing")}
+    parts = [f"# {sweep.table}", "",
+             f"Sweep `{sweep.name}`, folder `{sweep.directory}`: {sum(counts.values())} jobs — "
+             f"{counts['done']} done, {counts['failed']} failed, {counts['missing']} missing. "
+             f"Metrics are mean ± std over seeds; Δ = ours − published.", "", markdown_table(sweep)]
+    pivot = pivot_table(sweep)
+    if pivot:
+        parts += ["", f"## {LABELS.get(sweep.metric, sweep.metric)} by {sweep.pivot.get('rows', 'attention')}", "",
+                  pivot]
+    sources = sorted({str(r.get("source")) for r in sweep.references if r.get("source")})
+    if sources:
+        parts += ["", "Published values: " + "; ".join(sources) + "."]
+    parts += ["", "![report](report.png)", ""]
+    markdown = directory / "report.md"
+    markdown.write_text("\n".join(parts))
+    figure = directory / "report.png"
+    plot_report(sweep, figure)
+    return markdown, figure
+
+
+def resolve_target(target: str, root: Path = Path("multirun")) -> Path:
+    """A multirun folder as given, or the latest multirun of the sweep named ``target``."""
+    path = Path(target)
+    if path.is_dir() and ((path / "multirun.yaml").exists() or any(p.name.isdigit() for p in path.iterdir())):
+        return path
+    if path.is_dir() and not (root / target).is_dir():
+        raise FileNotFoundError(f"{path} holds no multirun.yaml and no numbered job folders: give a multirun folder "
+                                f"(multirun/<sweep>/<launch time>) or a sweep name")
+    return latest_multirun(target, root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wavetrain.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("target", help="a multirun folder, or a sweep name (its latest run under --root)")
+    parser.add_argument("--root", default="multirun", help="where sweeps write their runs (default: multirun)")
+    args = parser.parse_args(argv)
+    try:
+        directory = resolve_target(args.target, Path(args.root))
+    except FileNotFoundError as error:
+        print(f"wavetrain.report: {error}", file=sys.stderr)
+        return 1
+    markdown, figure = write_report(directory)
+    print(markdown.read_text())
+    print(f"wrote {markdown} and {figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
