@@ -22,6 +22,51 @@ from wavetrain.models.attention.dwarf import DwarfDyadicAttention, DwarfFieldAtt
 from wavetrain.models.attention.standard import CausalSelfAttention
 from wavetrain.models.attention.wavefield import WaveFieldAttention
 from wavetrain.models.attention.wda import WaveDensityAttention
+from wavetrain.models.field_ops import causal_conv_reference, causal_fft_conv, fft_conv_length
+
+
+# ------------------------------------------------------------------------------------------------ optimised paths
+@pytest.mark.parametrize("signal_shape, kernel_shape", [
+    ((2, 3, 4, 17), (3, 1, 17)),          # Wave Field / DWARF: per-head kernel broadcast over batch and channels
+    ((2, 3, 1, 5, 9), (1, 3, 4, 1, 9)),   # WDA prefix_mixdens: signal broadcast over masks, kernel over batch
+    ((3, 1, 6), (2, 6)),                  # the signal broadcast, the kernel with fewer dims
+    ((7,), (7,)),
+])
+def test_causal_fft_conv_values_and_gradients_equal_the_direct_sum(signal_shape, kernel_shape) -> None:
+    generator = torch.Generator().manual_seed(0)
+    signal = torch.randn(signal_shape, generator=generator, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(kernel_shape, generator=generator, dtype=torch.float64, requires_grad=True)
+    fast, naive = causal_fft_conv(signal, kernel), causal_conv_reference(signal, kernel)
+    torch.testing.assert_close(fast, naive, rtol=0, atol=1e-12)
+    cotangent = torch.randn(fast.shape, generator=generator, dtype=torch.float64)
+    for got, expected in zip(torch.autograd.grad(fast, (signal, kernel), cotangent),
+                             torch.autograd.grad(naive, (signal, kernel), cotangent)):
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(causal_fft_conv, (signal, kernel))
+
+
+def test_causal_fft_conv_gradient_of_one_operand_and_bf16() -> None:
+    signal = torch.randn(2, 3, 8, requires_grad=True)
+    kernel = torch.randn(3, 8)  # no gradient wanted
+    causal_fft_conv(signal, kernel).sum().backward()
+    assert signal.grad.shape == signal.shape and kernel.grad is None
+    half = torch.randn(2, 3, 8, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = causal_fft_conv(half, kernel)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and half.grad.dtype == torch.bfloat16
+
+
+def test_fft_conv_length_is_even_seven_smooth_and_long_enough() -> None:
+    for length in (1, 3, 513, 1025, 4097, 16385, 16384, 32767):
+        n = fft_conv_length(length)
+        rest = n
+        for prime in (2, 3, 5, 7):
+            while rest % prime == 0:
+                rest //= prime
+        assert n >= 2 * length and n % 2 == 0 and rest == 1
+    assert fft_conv_length(513) == 1050 and fft_conv_length(16385) == 32928  # not the odd 1029 / 32805
 
 
 # ------------------------------------------------------------------------------------------------ FLOP counts
@@ -37,7 +82,7 @@ def test_standard_attention_flops_by_hand() -> None:
 
 def test_fft_flops_by_hand() -> None:
     assert real_fft_flops(8, channels=2) == 2.5 * 8 * 3 * 2
-    # length 3 -> n_fft = next_fast_len(6) = 6, 4 bins; log2(6) is not an integer
+    # length 3 -> n_fft = fft_conv_length(3) = 6, 4 bins; log2(6) is not an integer
     assert causal_fft_conv_flops(3, 1, 1, 1) == pytest.approx(3 * 2.5 * 6 * math.log2(6) + 6 * 4)
 
 
@@ -46,7 +91,7 @@ def test_wavefield_flops_by_hand() -> None:
     assert module.field_size == 4  # auto: G = seq_len + 1, stride 1 (spec wavefield.md §7)
     flops = attention_flops(module, n_tokens=3)
     assert flops.projections == 10 * 3 * 8 * 8  # q, k, v, gate, out
-    # n_fft = next_fast_len(2·4) = 8 (3 stages), 5 bins; channels B·D = 8, kernel channels H = 2
+    # n_fft = fft_conv_length(4) = 8 (3 stages), 5 bins; channels B·D = 8, kernel channels H = 2
     elementwise = 3 * 24 + 4 * 24 + 3 * 24 + 5 * 24      # deposit, scatter, gather, gate over N·D = 24
     fft = 2.5 * 8 * 3 * 8 + 2.5 * 8 * 3 * 2 + 6 * 5 * 8 + 2.5 * 8 * 3 * 8
     coupling = 2 * 2 * 8 * 4                              # H × H mixing per cell and channel

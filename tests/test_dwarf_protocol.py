@@ -21,6 +21,8 @@ from wavetrain.lightning_module import LanguageModelTask
 from wavetrain.models.lm import count_parameters
 from wavetrain.train import apply_epoch_budget, train
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny models: one thread beats two on a loaded machine
+
 DWARF_CONDITIONS = [c for c in group_choices("attention") if c.startswith("dwarf_cond")]
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
 SMALL_BPE = ["tokenizer.vocab_size=400"]  # the DWARF tokenizer configs with a vocabulary a tiny corpus can fill
@@ -259,12 +261,16 @@ def _val_losses(run_dir: Path) -> list[float]:
 TRAIN_TINY = ["scale=tiny", "seq_len=64", "data.batch_size=4", "data.val_windows=4", "trainer.max_steps=8",
               "optim.warmup_steps=1", "trainer.precision=32-true", "trainer.val_check_interval=4",
               "model.position_rows=null", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
-              "trainer.num_sanity_val_steps=0"]
+              "+trainer.num_sanity_val_steps=0"]
+
+
+# condA–D keep the published G = 4096 up to seq_len 2048; 256 cells (stride >= 2 at N = 64) keep this test fast
+SMALL_FIELD = {c: ["attention.field_size=256"] for c in ("dwarf_condA", "dwarf_condB", "dwarf_condC", "dwarf_condD")}
 
 
 @pytest.mark.parametrize("attention", DWARF_CONDITIONS)
 def test_every_condition_learns_in_a_few_steps(attention: str, tmp_path: Path) -> None:
-    train(compose_config([f"attention={attention}", *TRAIN_TINY]), run_dir=tmp_path)
+    train(compose_config([f"attention={attention}", *TRAIN_TINY, *SMALL_FIELD.get(attention, [])]), run_dir=tmp_path)
     losses = _val_losses(tmp_path)
     assert len(losses) == 2 and losses[-1] < losses[0], losses
 
@@ -341,7 +347,8 @@ def test_passkey_prompt_and_candidates(passkey_tokenizer: ByteLevelBPETokenizer)
     intro = passkey_tokenizer.encode("the secret word is tiger .")
     cue = passkey_tokenizer.encode("the secret word is")
     assert prompt[:len(intro)] == intro and prompt[-len(cue):] == cue and len(prompt) == len(intro) + 23 + len(cue)
-    assert passkey_tokenizer.decode(prompt[len(intro):-len(cue)]).startswith("the weather was mild and the air was still . the weather")
+    filler_text = passkey_tokenizer.decode(prompt[len(intro):-len(cue)])
+    assert filler_text.startswith("the weather was mild and the air was still . the weather")
     assert passkey.passkey_prompt(passkey_tokenizer, "tiger", 2047 - len(intro) - len(cue), 2047) is None
     assert passkey.distractors("apple") == list(passkey.PASSKEY_WORDS[1:10])
     assert passkey.distractors("grape") == list(passkey.PASSKEY_WORDS[:9])

@@ -66,19 +66,20 @@ def test_dry_run_of_every_sweep_file(name: str) -> None:
         assert any(wanted <= set(job) for job in jobs), f"{name}: reference {dict(ref.match)} matches no job"
 
 
-def test_all_variants_lists_every_attention_config() -> None:
-    listed = str(_raw("all_variants").hydra.sweeper.params.attention).split(",")
+@pytest.mark.parametrize("name", ["all_variants", "mqar"])
+def test_cross_architecture_tables_list_every_attention_config(name: str) -> None:
+    listed = str(_raw(name).hydra.sweeper.params.attention).split(",")
     missing = sorted(set(group_choices("attention")) - set(listed))
-    assert not missing, f"add {missing} to hydra.sweeper.params.attention in sweeps/all_variants.yaml"
+    assert not missing, f"add {missing} to hydra.sweeper.params.attention in sweeps/{name}.yaml"
     assert len(listed) == len(set(listed)) and set(listed) <= set(group_choices("attention"))
 
 
 def test_seeds_multiply_every_row_and_command_line_overrides_apply() -> None:
-    jobs = list_jobs(["+sweep=smoke", "sweep.seeds=[1,2,3]", "scale=small", "trainer.max_steps=7"])
+    jobs = list_jobs(["+sweep=smoke", "sweep.seeds=[1,2,3]", "scale=small", "trainer.max_steps=40"])
     assert sorted((j[0], j[1]) for j in jobs) == sorted(
         (f"attention={a}", f"seed={s}") for a in ("standard", "wavefield") for s in (1, 2, 3))
     cfg = compose_config(jobs[0])
-    assert cfg.scale.d_model == compose_config(["scale=small"]).scale.d_model and cfg.trainer.max_steps == 7
+    assert cfg.scale.d_model == compose_config(["scale=small"]).scale.d_model and cfg.trainer.max_steps == 40
     assert cfg.seed == 1 and cfg.run.choices["attention"] == "standard"
     assert list_jobs(["+sweep=smoke", "attention=wda"], validate=False) == [
         ["attention=wda", "seed=1337", "+sweep=smoke"]], "a command-line value replaces the sweep's axis"

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 from tokenizers import Tokenizer
 
 from wavetrain import build_model, compose_config
@@ -148,9 +149,9 @@ def test_chat_segments_aliases_stripping_and_empty_turns() -> None:
         chat_segments({"prompt": "x"}, 7)
 
 
-def test_assistant_only_loss_masks_through_the_token_cache(shared_data: Path,
+def test_assistant_only_loss_masks_through_the_token_cache(local_corpora: dict[str, Path],
                                                            gpt2_style_tokenizer_json: Path) -> None:
-    path = shared_data / "ultrachat_200k" / "test_gen_sample_2.jsonl"
+    path = local_corpora["ultrachat"]  # the fixture rows, cycled to 40 so that the carved splits are not empty
     cfg = compose_config(["data=ultrachat", f"data.path={path}", "tokenizer=gpt2",
                           f"tokenizer.path={gpt2_style_tokenizer_json}", "seq_len=64"])
     assert cfg.data.doc_separator == "none" and cfg.data.min_supervised == 8
@@ -174,6 +175,35 @@ def test_assistant_only_loss_masks_through_the_token_cache(shared_data: Path,
     for i in range(20):
         x, y = windows[i]
         assert (y != IGNORE).sum() >= 8 and ((y[:-1] == IGNORE) | (y[:-1] == x[1:])).all()
+
+
+def test_hub_streams_are_requested_as_the_reference_does_and_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub branch (no network here): load_dataset gets the spec's ids, splits and streaming=True, and an
+    endless stream is cut at data.source.max_docs."""
+    import itertools
+
+    import datasets
+
+    calls = []
+
+    def endless_stream(hub_id, config=None, split=None, **kwargs):
+        calls.append((hub_id, config, split, kwargs["streaming"], sorted(kwargs.get("features") or {})))
+        if hub_id == "allenai/c4":
+            return ({"url": f"u{i}", "text": f"document {i}", "timestamp": "2019-04-25T12:57:54Z"}
+                    for i in itertools.count())
+        return ({"prompt": "q", "prompt_id": "0" * 64, "messages": [{"role": "user", "content": f"q{i}"},
+                                                                   {"role": "assistant", "content": "a"}]}
+                for i in itertools.count())
+
+    monkeypatch.setattr(datasets, "load_dataset", endless_stream)
+    c4 = compose_config(["data=c4", "data.source.max_docs=5"]).data
+    docs = list(instantiate(c4.source).documents("validation", None))
+    assert docs == [f"document {i}" for i in range(5)]
+    chat = compose_config(["data=ultrachat", "data.source.max_docs=3"]).data
+    conversations = list(instantiate(chat.source).documents("train", None))
+    assert len(conversations) == 3 and conversations[2][1] == ("q2", False) and conversations[2][4] == ("a", True)
+    assert calls == [("allenai/c4", "en", "validation", True, ["text", "timestamp", "url"]),
+                     ("HuggingFaceH4/ultrachat_200k", None, "train_sft", True, [])]
 
 
 # --------------------------------------------------------------------------- C4 → UltraChat (spec §4)

@@ -10,7 +10,7 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from wavetrain.config import CONF_DIR, GROUPS  # noqa: E402
+from wavetrain.config import CONF_DIR, GROUPS, ConfigError, check_cli_overrides  # noqa: E402
 from wavetrain.sweep import dry_run  # noqa: E402  (also registers the sweep files' seed resolver)
 
 
@@ -42,11 +42,17 @@ def finish_wandb(cfg: DictConfig, exit_code: int) -> None:
 
 
 def record_failure(cfg: DictConfig, error: BaseException) -> None:
-    """results.json with status "failed" and the error's first line, so a sweep's report shows why a row failed."""
+    """results.json with status "failed" and the error's first line, so a sweep's report shows why a row failed.
+    A finished run's results are never replaced (a failed rerun leaves them), nor is a directory another live run
+    holds written to."""
     from pathlib import Path
 
     from wavetrain.callbacks import write_json_atomic
+    from wavetrain.reliability import RunDirInUse, read_results
 
+    previous = read_results(Path.cwd() / cfg.run.results_file)
+    if isinstance(error, RunDirInUse) or (previous or {}).get("status") == "done":
+        return
     message = (str(error).strip().splitlines() or [""])[0]
     write_json_atomic(Path.cwd() / cfg.run.results_file, {
         "status": "failed", "error": f"{type(error).__name__}: {message}" if message else type(error).__name__,
@@ -56,4 +62,10 @@ def record_failure(cfg: DictConfig, error: BaseException) -> None:
 if __name__ == "__main__":
     if "--dry-run" in sys.argv[1:]:
         sys.exit(dry_run(sys.argv[1:]))
+    if not any(arg.startswith("-") and arg not in ("-m", "--multirun") for arg in sys.argv[1:]):
+        try:  # misspelt group options and keys fail here, before Hydra creates any directory
+            check_cli_overrides(sys.argv[1:])
+        except ConfigError as error:
+            print(f"wavetrain: {error}", file=sys.stderr)
+            sys.exit(1)
     main()

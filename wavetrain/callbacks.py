@@ -83,7 +83,8 @@ class RunSummary(L.Callback):
     """Writes the run's results.json when fitting ends, on global rank zero.
 
     It runs inside the process that trained (with ddp_spawn that is a worker, whose step count and metrics the
-    launching process never sees), so it is the one place that knows the final state."""
+    launching process never sees), so it is the one place that knows the final state.  Any callback with a
+    ``summary() -> dict`` method adds its entries (e.g. wavetrain.reliability.NonFiniteGuard: skipped_steps)."""
 
     def __init__(self, path: Path, checkpoints: L.Callback, throughput: ThroughputMonitor, static: dict) -> None:
         self.path, self.checkpoints, self.throughput, self.static = path, checkpoints, throughput, static
@@ -105,6 +106,8 @@ class RunSummary(L.Callback):
             "tokens_per_sec": self.throughput.mean_tokens_per_sec(),
             "mfu": self.throughput.mfu(self.throughput.mean_tokens_per_sec(), trainer.world_size),
             "n_parameters": pl_module.n_parameters,
+            **{k: v for cb in trainer.callbacks if callable(getattr(cb, "summary", None))
+               for k, v in cb.summary().items()},
             **self.static,
         })
 

@@ -1,6 +1,11 @@
 """Config composition (the same as the CLI's) and validation before any work starts."""
 from __future__ import annotations
 
+import difflib
+import hashlib
+import os
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -13,6 +18,42 @@ if not OmegaConf.has_resolver("max"):
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("attention", "scale", "data", "tokenizer", "optim", "trainer", "logger")
+LOGGER_KINDS = ("csv", "tensorboard", "wandb")
+NONFINITE_MODES = ("stop", "skip")
+_PROCESS_TOKEN = os.urandom(3).hex()  # one per process: run directories started in the same second stay apart
+
+
+def _slurm_batch_job() -> str | None:
+    """The SLURM job id of a batch job (array-aware), None outside SLURM or in an interactive allocation
+    (the same test as Lightning's SLURMEnvironment)."""
+    if "SLURM_NTASKS" not in os.environ or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array_job}_{array_task}" if array_job and array_task else os.environ.get("SLURM_JOB_ID")
+
+
+def run_stamp(overrides: str = "") -> str:
+    """``${wavetrain.run_stamp:${hydra:job.override_dirname}}``: the unique part of a run directory's name.
+
+    ``<date>/<time>-<token>`` (the token differs between processes, so two runs started in the same second never
+    share a directory); in a SLURM batch job ``slurm/<job id>-<hash of the overrides>`` instead, which a requeued
+    job recomputes identically, so it lands in the same directory and resumes there."""
+    job = _slurm_batch_job()
+    if job:
+        return f"slurm/{job}-{hashlib.sha1(overrides.encode()).hexdigest()[:8]}"
+    return time.strftime("%Y-%m-%d/%H-%M-%S") + f"-{_PROCESS_TOKEN}"
+
+
+def launch_token() -> str:
+    """``${wavetrain.launch_token:}``: a short token distinguishing sweeps launched in the same second (cached in
+    the sweep's config, so a submitit job requeued later resolves the same sweep directory)."""
+    return _PROCESS_TOKEN
+
+
+if not OmegaConf.has_resolver("wavetrain.run_stamp"):
+    OmegaConf.register_new_resolver("wavetrain.run_stamp", run_stamp, use_cache=True)
+if not OmegaConf.has_resolver("wavetrain.launch_token"):
+    OmegaConf.register_new_resolver("wavetrain.launch_token", launch_token, use_cache=True)
 
 
 class ConfigError(ValueError):
@@ -39,12 +80,26 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
 
 
 def _positive(cfg: DictConfig, key: str, value) -> None:
-    if value is None or value <= 0:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ConfigError(f"{key}={value} must be positive: set {key} to a value > 0")
 
 
+def _non_negative(key: str, value) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"{key}={value} must be >= 0: set {key} to 0 or more")
+
+
+def _one_of(key: str, value, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), list(allowed), n=1)
+        hint = f" (did you mean {key}={close[0]}?)" if close else ""
+        raise ConfigError(f"{key}={value!r} is unknown: use one of {list(allowed)}{hint}")
+
+
 def validate_config(cfg: DictConfig) -> None:
-    """Reject settings that would waste a run, before any data or model is built."""
+    """Reject settings that would waste a run, before any data or model is built.  Every message names the key,
+    the value and the fix.  (Data problems are found by the data module, model-construction problems by
+    :func:`check_model_builds`; both run before anything is written.)"""
     for key in ("d_model", "n_layers", "n_heads", "ffn_dim"):
         _positive(cfg, f"scale.{key}", cfg.scale[key])
     if cfg.scale.d_model % cfg.scale.n_heads:
@@ -53,11 +108,187 @@ def validate_config(cfg: DictConfig) -> None:
     if not 0 <= cfg.scale.dropout < 1:
         raise ConfigError(f"scale.dropout={cfg.scale.dropout} must be in [0, 1)")
     _positive(cfg, "seq_len", cfg.seq_len)
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
+        raise ConfigError(f"seed={cfg.seed} must be a non-negative integer (it seeds numpy's generators): e.g. "
+                          f"seed=1337")
     _positive(cfg, "data.batch_size", cfg.data.batch_size)
+    if cfg.data.get("val_windows") is not None:
+        _positive(cfg, "data.val_windows", cfg.data.val_windows)
+    _non_negative("data.num_workers", cfg.data.get("num_workers", 0))
+    path = cfg.data.get("path")
+    if path and not any(ch in str(path) for ch in "*?[") and not Path(str(path)).expanduser().exists():
+        raise ConfigError(f"data.path={path} does not exist: point data.path at a local copy of the corpus "
+                            f"(a file, a folder or a glob), or set data.path=null for the default source")
+    special = cfg.tokenizer.get("special_tokens")
+    vocab = cfg.tokenizer.get("vocab_size")
+    if vocab is not None and special and isinstance(vocab, int) and vocab <= len(special):
+        raise ConfigError(f"tokenizer.vocab_size={vocab} must exceed its {len(special)} special tokens "
+                          f"{list(special)}: raise tokenizer.vocab_size")
     _positive(cfg, "trainer.max_steps", cfg.trainer.max_steps)
+    accumulation = cfg.trainer.get("accumulate_grad_batches", 1)
+    _positive(cfg, "trainer.accumulate_grad_batches", accumulation)
+    for key in ("log_every_n_steps", "num_nodes"):
+        if key in cfg.trainer:
+            _positive(cfg, f"trainer.{key}", cfg.trainer[key])
+    interval = cfg.trainer.get("val_check_interval")
+    if isinstance(interval, float) and not 0 < interval <= 1:
+        raise ConfigError(f"trainer.val_check_interval={interval} as a fraction must lie in (0, 1] of the run: use "
+                          f"a fraction or an integer number of training batches")
+    if isinstance(interval, int) and not isinstance(interval, bool):
+        _positive(cfg, "trainer.val_check_interval", interval)
+        batches = int(cfg.trainer.max_steps) * int(accumulation)
+        if interval > batches and cfg.run.get("epochs") is None:
+            raise ConfigError(f"trainer.val_check_interval={interval} training batches is longer than the run "
+                              f"(trainer.max_steps={cfg.trainer.max_steps} x accumulate_grad_batches={accumulation} "
+                              f"= {batches} batches): no validation would run; set "
+                              f"trainer.val_check_interval<={batches}")
     _positive(cfg, "optim.lr", cfg.optim.lr)
     if cfg.optim.min_lr < 0 or cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr={cfg.optim.min_lr} must lie in [0, optim.lr={cfg.optim.lr}]: lower min_lr")
     if cfg.optim.warmup_steps < 0 or cfg.optim.warmup_steps >= cfg.trainer.max_steps:
         raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} must lie in [0, trainer.max_steps="
                           f"{cfg.trainer.max_steps}): shorten the warmup or train longer")
+    _non_negative("optim.weight_decay", cfg.optim.get("weight_decay", 0.0))
+    _positive(cfg, "optim.eps", cfg.optim.get("eps", 1e-8))
+    betas = list(cfg.optim.get("betas", [0.9, 0.999]))
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"optim.betas={betas} must be two numbers in [0, 1), e.g. optim.betas=[0.9,0.95]")
+    if cfg.optim.get("grad_clip") is not None:
+        _non_negative("optim.grad_clip", cfg.optim.grad_clip)
+    from wavetrain.lightning_module import SCHEDULES
+
+    _one_of("optim.schedule", cfg.optim.get("schedule", "warmup_cosine"), SCHEDULES)
+    _one_of("logger.kind", cfg.logger.get("kind"), LOGGER_KINDS)
+    if cfg.run.get("epochs") is not None:
+        _positive(cfg, "run.epochs", cfg.run.epochs)
+    _positive(cfg, "run.checkpoint_every_n_steps", cfg.run.get("checkpoint_every_n_steps", 1))
+    _one_of("run.on_nonfinite", cfg.run.get("on_nonfinite", "stop"), NONFINITE_MODES)
+    _non_negative("run.max_nonfinite_skips", cfg.run.get("max_nonfinite_skips", 0))
+
+
+def _innermost(error: BaseException) -> BaseException:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def check_model_builds(cfg: DictConfig) -> None:
+    """Build the model once without training it, so that construction-time limits (the Wave Field stride rules of
+    spec wavefield.md §7 via check_field_causality, learned-position rows, DWARF/WDA option checks, ...) fail
+    before any data is tokenised.  On the meta device (no memory) where the modules allow it, else on the CPU."""
+    import torch
+
+    from wavetrain.models.lm import build_model
+
+    vocab = cfg.tokenizer.get("vocab_size") or 256  # a char vocabulary comes from the corpus; its size is moot here
+    try:
+        try:
+            with torch.device("meta"):
+                build_model(cfg, int(vocab))
+        except Exception as error:  # also hydra's InstantiationException wrapping a meta-device NotImplementedError
+            if "meta" not in str(_innermost(error)) and not isinstance(_innermost(error), NotImplementedError):
+                raise
+            build_model(cfg, int(vocab))  # a module computes its layout from tensor values at construction
+    except Exception as error:  # ValueError from a module, wrapped by hydra's InstantiationException
+        cause = _innermost(error)
+        choices = ", ".join(f"{g}={c}" for g, c in (cfg.run.get("choices") or {}).items() if g in ("attention",
+                                                                                                   "scale"))
+        raise ConfigError(f"the model does not build with seq_len={cfg.seq_len}{', ' + choices if choices else ''}: "
+                          f"{cause}") from error
+
+
+def _parse_overrides(argv: Sequence[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    tokens = [a for a in argv if not a.startswith("-")]
+    return OverridesParser.create().parse_overrides(tokens)
+
+
+def check_cli_overrides(argv: Sequence[str]) -> None:
+    """Check a command line's overrides before Hydra creates any directory: every group choice exists (also in a
+    sweep list) and every plain ``key=value`` names a key of the composed config (the first job of a sweep), and so
+    does every axis of a sweep file's ``hydra.sweeper.params``.  Raises ConfigError naming the override, the valid
+    choices or the closest keys, and the fix.  Anything else (``hydra.*``, malformed overrides, type errors) is left
+    to Hydra, whose own message names it."""
+    try:
+        _check_cli_overrides(argv)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - what this pre-check cannot read, Hydra reports with its own message
+        return
+
+
+def _check_cli_overrides(argv: Sequence[str]) -> None:
+    from hydra.errors import HydraException
+
+    overrides = _parse_overrides(argv)
+    first_job, plain = _check_group_choices(overrides, "")
+    if not plain and not any(o.key_or_group == "sweep" for o in overrides):
+        return
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="wavetrain"):
+            cfg = compose("config", overrides=first_job, return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+    params = cfg.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(params, resolve=False) if params is not None else {}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    known = _dotted_keys(OmegaConf.to_container(cfg, resolve=False))
+    axes = [f"{key}={value}" for key, value in params.items() if "${" not in str(value)]
+    try:
+        _, swept = _check_group_choices(_parse_overrides(axes), " (an axis of the sweep file's "
+                                                                 "hydra.sweeper.params)")
+    except HydraException:
+        swept = []
+    swept += [(key, str(value), " (an axis of the sweep file's hydra.sweeper.params)")
+              for key, value in params.items() if "${" in str(value) and key not in GROUPS]
+    for key, value, origin in plain + swept:
+        if key not in known and OmegaConf.select(cfg, key, default=_ABSENT,
+                                                 throw_on_resolution_failure=False) is _ABSENT:
+            close = difflib.get_close_matches(key, known, n=3)
+            raise ConfigError(f"{key}={value}{origin}: the config has no key {key}"
+                              + (f" (closest: {', '.join(close)})" if close else "")
+                              + f": fix the spelling, or add a new key deliberately with +{key}=...")
+
+
+def _check_group_choices(overrides, origin: str) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """Raise on an unknown group option; return the first job's group/added overrides and the plain keys."""
+    from hydra.core.override_parser.types import OverrideType
+
+    first_job, plain = [], []
+    for override in overrides:
+        key = override.key_or_group
+        if key.startswith("hydra") or override.package is not None:
+            continue
+        values = ([str(v) for v in override.sweep_string_iterator()] if override.is_sweep_override()
+                  else [override.get_value_element_as_str()])
+        if key in GROUPS and override.type == OverrideType.CHANGE:
+            valid = group_choices(key)
+            for value in values:
+                if value not in valid:
+                    close = difflib.get_close_matches(value, valid, n=1)
+                    raise ConfigError(f"{key}={value}{origin} is not an option of the {key} group: choose one of "
+                                      f"{', '.join(valid)} (the files of conf/{key}/)"
+                                      + (f"; did you mean {key}={close[0]}?" if close else ""))
+        if key not in GROUPS and override.type == OverrideType.CHANGE and "/" not in key:
+            plain.append((key, values[0] if values else "", origin))
+        elif override.type in (OverrideType.CHANGE, OverrideType.ADD, OverrideType.FORCE_ADD) and values:
+            prefix = {OverrideType.ADD: "+", OverrideType.FORCE_ADD: "++"}.get(override.type, "")
+            first_job.append(f"{prefix}{key}={values[0]}")
+    return first_job, plain
+
+
+_ABSENT = object()
+
+
+def _dotted_keys(node, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        keys = []
+        for key, value in node.items():
+            keys.append(f"{prefix}{key}")
+            keys += _dotted_keys(value, f"{prefix}{key}.")
+        return keys
+    return []

@@ -27,7 +27,7 @@ from wavetrain.models.attention.dwarf import DwarfDyadicAttention, DwarfFieldAtt
 from wavetrain.models.attention.standard import CausalSelfAttention
 from wavetrain.models.attention.wavefield import WaveFieldAttention
 from wavetrain.models.attention.wda import CONTENT_CHUNK, WaveDensityAttention
-from wavetrain.models.field_ops import next_fast_len
+from wavetrain.models.field_ops import fft_conv_length
 
 ELEMENTWISE_TRANSCENDENTAL = 4  # FLOP charged for one exp / sigmoid / cos / elu
 SPECTRAL_PRODUCT = 6            # FLOP of one complex multiply (4 mul + 2 add)
@@ -53,8 +53,8 @@ def real_fft_flops(length: int, channels: float) -> float:
 def causal_fft_conv_flops(length: int, signal_channels: float, kernel_channels: float,
                           product_channels: float) -> float:
     """:func:`wavetrain.models.field_ops.causal_fft_conv` along ``length``: rfft of the signal and kernel channels,
-    the spectral product and the irfft of every output channel, all at n = next_fast_len(2·length)."""
-    n_fft = next_fast_len(2 * length)
+    the spectral product and the irfft of every output channel, all at n = fft_conv_length(length) (≥ 2·length)."""
+    n_fft = fft_conv_length(length)
     bins = n_fft // 2 + 1
     return (real_fft_flops(n_fft, signal_channels) + real_fft_flops(n_fft, kernel_channels)
             + SPECTRAL_PRODUCT * bins * product_channels + real_fft_flops(n_fft, product_channels))
@@ -94,7 +94,7 @@ def _field_mixing_flops(n_tokens: int, batch: int, dim: int, heads: int, field_s
 
 def wavefield_flops(module: WaveFieldAttention, n_tokens: int, batch: int = 1) -> AttentionFlops:
     """Wave Field V3.5 (spec wavefield.md §2.2 "Cost"): projections 10·N·D² (q, k, v, gate, out); two real FFTs
-    of length next_fast_len(2G) on D channels, the spectral product 6·D·(bins), the coupling 2·H·D·G, O(N·D)
+    of length fft_conv_length(G) ≥ 2G on D channels, the spectral product 6·D·(bins), the coupling 2·H·D·G, O(N·D)
     scatter/gather and the per-forward kernel (H·G damped cosines, ~8 FLOP per tap, and its FFT)."""
     dim, heads, size = module.dim, module.n_heads, module.field_size
     n = n_tokens * batch

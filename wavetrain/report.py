@@ -78,14 +78,15 @@ class Row:
         failed = [job for job in self.jobs if job.status == "failed"]
         missing = sum(job.status == "missing" for job in self.jobs)
         n = len(self.jobs)
-        if done == n:
-            return "done" if n == 1 else f"done {done}/{n}"
-        parts = [f"done {done}/{n}"] if done else []
+
+        def count(k: int) -> str:
+            return "" if n == 1 else f" {k}/{n}"
+
+        parts = [f"done{count(done)}"] if done else []
         if failed:
-            first = failed[0].error or "no error recorded"
-            parts.append(f"failed{'' if len(failed) == 1 else f' {len(failed)}/{n}'}: {first}")
+            parts.append(f"failed{count(len(failed))}: {failed[0].error or 'no error recorded'}")
         if missing:
-            parts.append("missing" if missing == n else f"missing {missing}/{n}")
+            parts.append(f"missing{count(missing)}")
         return "; ".join(parts)
 
 
@@ -156,8 +157,9 @@ def load_sweep(directory: Path) -> Sweep:
     directory = Path(directory)
     master_path = directory / "multirun.yaml"
     master = OmegaConf.load(master_path) if master_path.exists() else None
-    meta = OmegaConf.to_container(master.sweep, resolve=True) if master is not None and "sweep" in master else {}
-    references = OmegaConf.to_container(master.reference, resolve=True) \
+    # unresolved: sweep.launch interpolates Hydra's ${now:} (the folder name already says when it ran)
+    meta = OmegaConf.to_container(master.sweep, resolve=False) if master is not None and "sweep" in master else {}
+    references = OmegaConf.to_container(master.reference, resolve=False) \
         if master is not None and master.get("reference") else []
     expected: list[list[str]] = []
     if master is not None:
@@ -181,8 +183,9 @@ def load_sweep(directory: Path) -> Sweep:
         key = tuple((axis, values.get(axis, "")) for axis in axes)
         row = rows.setdefault(key, Row(key))
         row.jobs.append(job)
-    for row in rows.values():
-        row.references = [r for r in references if _matches(r, dict(row.key))]
+    for row in rows.values():  # a reference matches on any override of the row's jobs, varying or not
+        overrides = dict(_split_override(o) for o in row.jobs[0].overrides)
+        row.references = [r for r in references if _matches(r, overrides)]
     metric = str(meta.get("metric", "val_loss"))
     columns = [c for c in meta.get("columns", DEFAULT_COLUMNS) if c != metric]
     return Sweep(directory, str(meta.get("name", directory.name)), str(meta.get("table", directory.name)), metric,
@@ -358,12 +361,12 @@ def write_report(directory: Path) -> tuple[Path, Path]:
 def resolve_target(target: str, root: Path = Path("multirun")) -> Path:
     """A multirun folder as given, or the latest multirun of the sweep named ``target``."""
     path = Path(target)
-    if path.is_dir() and ((path / "multirun.yaml").exists() or any(p.name.isdigit() for p in path.iterdir())):
-        return path
-    if path.is_dir() and not (root / target).is_dir():
+    if not path.is_dir():
+        return latest_multirun(target, root)
+    if not (path / "multirun.yaml").exists() and not any(p.name.isdigit() for p in path.iterdir()):
         raise FileNotFoundError(f"{path} holds no multirun.yaml and no numbered job folders: give a multirun folder "
                                 f"(multirun/<sweep>/<launch time>) or a sweep name")
-    return latest_multirun(target, root)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,18 +10,24 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from wavetrain.callbacks import RunSummary, ThroughputMonitor, write_json_atomic
-from wavetrain.config import validate_config
+from wavetrain.config import ConfigError, check_model_builds, validate_config
 from wavetrain.data.datamodule import steps_for_epochs
 from wavetrain.lightning_module import LanguageModelTask
+from wavetrain.reliability import (CHECKPOINT_DIR, AtomicCheckpointIO, NonFiniteGuard, PreemptionSignals, Preempted,
+                                   ResumableCSVLogger, ResumePlan, RunDirLock, StepCheckpoint, TrainingRandomness,
+                                   check_resume_compatible, describe_fallback, finished_results,
+                                   global_rank_from_env, plan_resume, rotate_results, tidy_checkpoint_dir,
+                                   trim_metrics, wandb_run_id)
 
 log = logging.getLogger(__name__)
-CHECKPOINT_DIR = "checkpoints"
 
 
 def cpu_supports_bf16() -> bool:
@@ -50,7 +56,7 @@ def resolve_precision(trainer_cfg: DictConfig) -> str:
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     """CSV always (nothing depends on a remote service), plus tensorboard or W&B when chosen."""
-    loggers: list[Logger] = [CSVLogger(str(run_dir), name="logs", version="")]
+    loggers: list[Logger] = [ResumableCSVLogger(str(run_dir), name="logs", version="")]
     kind = cfg.logger.kind
     if kind == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -63,23 +69,13 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
         name = cfg.logger.name or "-".join(str(choices.get(g, "")) for g in ("attention", "scale", "data"))
         tags = sorted({*cfg.logger.tags, *(f"{g}={choices[g]}" for g in ("attention", "scale", "data")
                                            if g in choices)})
+        # the id kept in the run directory: a resumed or requeued run continues the same W&B run
         loggers.append(WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
-                                   tags=tags, name=name, save_dir=str(run_dir),
-                                   config=OmegaConf.to_container(cfg, resolve=True)))
+                                   tags=tags, name=name, save_dir=str(run_dir), id=wandb_run_id(run_dir),
+                                   resume="allow", config=OmegaConf.to_container(cfg, resolve=True)))
     elif kind != "csv":
         raise ValueError(f"logger.kind={kind!r} is unknown: use logger=csv, logger=tensorboard or logger=wandb")
     return loggers
-
-
-def find_resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
-    """``run.ckpt_path`` if given, else the run directory's last checkpoint (a rerun resumes automatically)."""
-    if cfg.run.ckpt_path:
-        path = Path(cfg.run.ckpt_path).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"run.ckpt_path={path} does not exist: give an existing .ckpt file")
-        return str(path)
-    last = run_dir / CHECKPOINT_DIR / "last.ckpt"
-    return str(last) if last.exists() else None
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
@@ -121,39 +117,95 @@ def apply_epoch_budget(cfg: DictConfig, data: L.LightningDataModule) -> None:
 
 
 def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
-    """Train, validate (and optionally test) one configuration; write and return the results summary."""
+    """Train, validate (and optionally test) one configuration; write and return the results summary.
+
+    Every check that can fail on bad input (config, model construction, checkpoint to resume, data) runs before
+    anything is written into the run directory.  A run directory that already holds this run resumes it from its
+    newest readable checkpoint; one that holds it finished is left as it is (its results are returned)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     validate_config(cfg)
+    check_model_builds(cfg)
     run_dir = Path(run_dir or os.getcwd())
     started = time.time()
+    resume = plan_resume(cfg.run.ckpt_path, run_dir)
+    fallback = describe_fallback(resume)
     L.seed_everything(int(cfg.seed), workers=True)
     data = build_datamodule(cfg)
     vocab_size = data.prepare()
+    apply_epoch_budget(cfg, data)
+    if cfg.run.test and not data.has_split("test"):
+        raise ConfigError(f"run.test=true but data={cfg.run.choices.get('data')} has no test split: set "
+                          f"run.test=false (or give the source a test split, e.g. data.source.test_fraction=0.05)")
+    check_resume_compatible(resume, OmegaConf.to_container(cfg, resolve=True), run_dir, bool(cfg.run.ckpt_path))
+    results_path = run_dir / cfg.run.results_file
+    finished = None if cfg.run.ckpt_path else finished_results(results_path, int(cfg.trainer.max_steps))
+    if finished is not None:
+        if resume.checkpoint is None and list(finished.get("overrides") or []) != list(cfg.run.overrides):
+            raise ConfigError(f"{run_dir} already holds a finished run with other overrides "
+                              f"({' '.join(finished.get('overrides') or []) or 'none'}): nothing was changed; give "
+                              f"this run its own hydra.run.dir")
+        print(f"wavetrain: {run_dir} already holds this run, finished at step {finished.get('steps')}: nothing to do "
+              f"(its results are in {results_path}; raise trainer.max_steps to train on, or use a new hydra.run.dir)")
+        return finished
+    # ---- from here on this run writes into run_dir (every check above passed) ----
+    rank_zero = global_rank_from_env() == 0
+    lock = RunDirLock(run_dir)
+    if rank_zero:
+        lock.acquire()
+    signals = PreemptionSignals(requeue=bool(cfg.run.get("requeue", True)))
+    signals.install()
+    try:
+        return _fit(cfg, run_dir, data, vocab_size, resume, fallback, signals, started, rank_zero)
+    finally:
+        signals.restore()
+        lock.release()
+
+
+def _fit(cfg: DictConfig, run_dir: Path, data: L.LightningDataModule, vocab_size: int, resume: ResumePlan,
+         fallback: str | None, signals: PreemptionSignals, started: float, rank_zero: bool) -> dict:
+    results_path = run_dir / cfg.run.results_file
+    if rank_zero:
+        if fallback:
+            warnings.warn(fallback)
+        tidy_checkpoint_dir(resume, run_dir / CHECKPOINT_DIR)
+        if resume.checkpoint is not None:
+            print(f"wavetrain: resuming {run_dir} from {resume.checkpoint.path} (step {resume.step})")
+            trim_metrics(run_dir / "logs" / "metrics.csv", resume.step)
+        rotated = rotate_results(results_path)
+        if rotated:
+            log.info("kept the earlier results of this run directory as %s", rotated)
     tokenizer = getattr(data, "tokenizer", None)
-    if tokenizer is not None and hasattr(tokenizer, "save"):  # the run's own copy (wavetrain.eval.passkey reads it)
+    if rank_zero and tokenizer is not None and hasattr(tokenizer, "save"):  # the run's own copy (eval.passkey)
         run_dir.mkdir(parents=True, exist_ok=True)
         copy = run_dir / f"tokenizer.json.tmp{os.getpid()}"
         tokenizer.save(copy)
         os.replace(copy, run_dir / "tokenizer.json")
-    apply_epoch_budget(cfg, data)
-    if cfg.run.test and not data.has_split("test"):
-        raise ValueError(f"run.test=true but data={cfg.run.choices.get('data')} has no test split: set "
-                         f"run.test=false (or give the source a test split, e.g. data.source.test_fraction=0.05)")
     task = LanguageModelTask(OmegaConf.to_container(cfg, resolve=True), vocab_size)
     log.info("model: %s parameters, vocabulary %d", f"{task.n_parameters:,}", vocab_size)
     checkpoints = ModelCheckpoint(dirpath=str(run_dir / CHECKPOINT_DIR), filename="best-step{step}",
-                                  monitor="val/loss", mode="min", save_top_k=1, save_last=True,
+                                  monitor="val/loss", mode="min", save_top_k=1, save_last=False,
                                   auto_insert_metric_name=False)
+    step_checkpoints = StepCheckpoint(run_dir / CHECKPOINT_DIR, int(cfg.run.checkpoint_every_n_steps), signals)
+    guard = NonFiniteGuard(str(cfg.run.on_nonfinite), step_checkpoints, int(cfg.run.max_nonfinite_skips))
     throughput = ThroughputMonitor()
-    results_path = run_dir / cfg.run.results_file
     summary = RunSummary(results_path, checkpoints, throughput, {
         "vocab_size": vocab_size, "overrides": list(cfg.run.overrides), "choices": dict(cfg.run.choices)})
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args["precision"] = resolve_precision(cfg.trainer)
+    # Lightning's own SLURM auto-requeue stays off: wavetrain saves at a step boundary and requeues once itself
+    plugins = [AtomicCheckpointIO()] + ([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])
     trainer = L.Trainer(**trainer_args, max_epochs=-1, gradient_clip_val=cfg.optim.grad_clip or None,
-                        callbacks=[checkpoints, throughput, summary], logger=build_loggers(cfg, run_dir),
-                        default_root_dir=str(run_dir))
-    trainer.fit(task, datamodule=data, ckpt_path=find_resume_checkpoint(cfg, run_dir))
+                        callbacks=[TrainingRandomness(), guard, checkpoints, throughput, summary, step_checkpoints],
+                        plugins=plugins, logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir))
+    # the loader resumes at the checkpoint's step (RunPositionSampler), which this Lightning warning cannot see
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    try:
+        trainer.fit(task, datamodule=data, ckpt_path=resume.path)
+    except SIGTERMException:  # a signal that reached Lightning's handler before training started: nothing new
+        raise _stopped(cfg, results_path, Preempted(signals.received or 15, resume.step, resume.checkpoint and
+                                                     resume.checkpoint.path), signals, rank_zero) from None
+    except Preempted as stop:
+        raise _stopped(cfg, results_path, stop, signals, rank_zero) from None
     if not trainer.is_global_zero:
         return {}
     results = json.loads(results_path.read_text())
@@ -165,6 +217,22 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     write_json_atomic(results_path, results)
     print(summary_line(results))
     return results
+
+
+def _stopped(cfg: DictConfig, results_path: Path, stop: Preempted, signals: PreemptionSignals,
+             rank_zero: bool) -> Preempted:
+    """After a preemption signal: record it in results.json, say where the run stopped, requeue once."""
+    if rank_zero:
+        write_json_atomic(results_path, {
+            "status": "preempted", "signal": stop.signal_name, "steps": stop.step,
+            "checkpoint": str(stop.checkpoint) if stop.checkpoint else None,
+            "overrides": list(cfg.run.overrides), "choices": dict(cfg.run.choices)})
+        saved = f"saved {stop.checkpoint}" if stop.checkpoint else "no checkpoint yet"
+        print(f"wavetrain: {stop.signal_name} received: stopped at step {stop.step} ({saved}); rerun the same "
+              f"command in the same run directory to resume", flush=True)
+        outcome = signals.requeue(stop.signum)  # submitit's handler requeues and exits from here
+        print(f"wavetrain: {outcome}", flush=True)
+    return stop
 
 
 def summary_line(results: dict) -> str:

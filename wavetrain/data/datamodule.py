@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from wavetrain.data.sources import DataError
 from wavetrain.data.tokenizers import batched, build_tokenizer, load_tokenizer, tokenizer_key
+from wavetrain.reliability import RunPositionSampler
 
 log = logging.getLogger(__name__)
 PACKINGS = ("stream", "sequential", "documents")
@@ -279,22 +280,20 @@ class TextDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             self.prepare()
 
-    def _loader(self, dataset: Dataset) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: RunPositionSampler | None = None) -> DataLoader:
         workers = int(self.cfg.get("num_workers", 0))
         collate = pad_collate(self.tokenizer.pad_id) if self.packing == "documents" else None
         return DataLoader(dataset, batch_size=int(self.cfg.batch_size), shuffle=False, num_workers=workers,
-                          persistent_workers=workers > 0, collate_fn=collate)
+                          persistent_workers=workers > 0, collate_fn=collate, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        per_step = int(trainer.accumulate_grad_batches) * int(self.cfg.batch_size) * int(trainer.world_size)
-        offset = trainer.global_step * per_step
-        remaining = max(int(trainer.max_steps) - trainer.global_step, 1) * per_step
+        # rows 0 .. max_steps·rows-per-step of the whole run; the sampler starts at the current step (resume)
+        sampler = RunPositionSampler.for_trainer(self.trainer, int(self.cfg.batch_size))
         train = self.splits["train"]
         if self.packing == "stream":
-            return self._loader(StreamWindows(train, self.seq_len, self.seed, offset, remaining,
-                                              int(self.cfg.get("min_supervised", 0))))
-        return self._loader(Examples(train, self.spans["train"], seed=self.seed, offset=offset, length=remaining))
+            return self._loader(StreamWindows(train, self.seq_len, self.seed, 0, sampler.run_rows,
+                                              int(self.cfg.get("min_supervised", 0))), sampler)
+        return self._loader(Examples(train, self.spans["train"], seed=self.seed, length=sampler.run_rows), sampler)
 
     def _eval_dataset(self, split: str) -> Dataset:
         limit = self.cfg.get("val_windows")

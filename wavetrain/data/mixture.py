@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from wavetrain.data.datamodule import Examples, SplitTokens, StreamWindows, TokenStore, sequential_spans
 from wavetrain.data.sources import DataError
+from wavetrain.reliability import RunPositionSampler
 
 log = logging.getLogger(__name__)
 CORPORA = ("c4", "ultrachat")
@@ -140,26 +141,27 @@ class PhasedMixtureDataModule(L.LightningDataModule):
 
     def training_rows(self, rows_per_step: int, max_steps: int, offset: int, length: int) -> MixtureWindows:
         """Training rows offset … offset+length-1 of a run (the dataset behind train_dataloader)."""
-        windows = tuple(StreamWindows(self.splits[name]["train"], self.seq_len, self.seed + index, 0, 0,
-                                      int(self.cfg[name].get("min_supervised", 0)))
+        windows = tuple(StreamWindows(self.splits[name]["train"], self.seq_len, self.seed + index, 0,
+                                      offset + length, int(self.cfg[name].get("min_supervised", 0)))
                         for index, name in enumerate(CORPORA))
         return MixtureWindows(windows, self.schedule(max_steps, rows_per_step), offset, length)
 
-    def _loader(self, dataset: Dataset) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: RunPositionSampler | None = None) -> DataLoader:
         workers = int(self.cfg.get("num_workers", 0))
         return DataLoader(dataset, batch_size=int(self.cfg.batch_size), shuffle=False, num_workers=workers,
-                          persistent_workers=workers > 0)
+                          persistent_workers=workers > 0, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         per_step = int(trainer.accumulate_grad_batches) * int(self.cfg.batch_size) * int(trainer.world_size)
-        remaining = max(int(trainer.max_steps) - trainer.global_step, 1) * per_step
-        rows = self.training_rows(per_step, int(trainer.max_steps), trainer.global_step * per_step, remaining)
+        # rows 0 .. max_steps·per_step of the whole run; the sampler starts at the current step (resume)
+        sampler = RunPositionSampler.for_trainer(trainer, int(self.cfg.batch_size))
+        rows = self.training_rows(per_step, int(trainer.max_steps), 0, sampler.run_rows)
         schedule = rows.schedule
         log.info("c4_ultrachat: steps [0, %d) C4, [%d, %d) UltraChat, from %d mixed %d/%d rows per step",
                  schedule.phase_a_steps, schedule.phase_a_steps, schedule.mixed_start, schedule.mixed_start,
                  schedule.chat_rows, per_step)
-        return self._loader(rows)
+        return self._loader(rows, sampler)
 
     def _eval_dataset(self, split: str) -> Examples:
         tokens = self.splits[self.cfg.eval_corpus][split]

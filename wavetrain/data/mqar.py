@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from wavetrain.data.sources import DataError
+from wavetrain.reliability import RunPositionSampler
 
 IGNORE = -100
 SPLITS = ("train", "validation", "test")
@@ -158,16 +159,14 @@ class MQARDataModule(L.LightningDataModule):
         if not self.splits:
             self.prepare()
 
-    def _loader(self, dataset: Dataset) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: RunPositionSampler | None = None) -> DataLoader:
         return DataLoader(dataset, batch_size=int(self.cfg.batch_size), shuffle=False,
-                          num_workers=int(self.cfg.get("num_workers", 0)))
+                          num_workers=int(self.cfg.get("num_workers", 0)), sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        per_step = int(trainer.accumulate_grad_batches) * int(self.cfg.batch_size) * int(trainer.world_size)
-        offset = trainer.global_step * per_step
-        remaining = max(int(trainer.max_steps) - trainer.global_step, 1) * per_step
-        return self._loader(MQARExamples(*self.splits["train"], seed=self.seed, offset=offset, length=remaining))
+        # rows 0 .. max_steps·rows-per-step of the whole run; the sampler starts at the current step (resume)
+        sampler = RunPositionSampler.for_trainer(self.trainer, int(self.cfg.batch_size))
+        return self._loader(MQARExamples(*self.splits["train"], seed=self.seed, length=sampler.run_rows), sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(MQARExamples(*self.splits["validation"]))

@@ -220,8 +220,11 @@ class HFTextSource:
     def documents(self, split: str, path: str | None) -> Iterator[str]:
         if path is not None and self._per_split(path):
             return self._texts(self._load(split, path))
-        if self.carve is None and path is None:
-            return self._texts(self._load(self.splits[split], path))
+        if self.carve is None and path is None:  # the hub's own split, at most max_docs of it (C4: 365M rows)
+            rows = self._load(self.splits[split], path)
+            if self.max_docs_counts == "read":
+                return self._texts(itertools.islice(rows, self.max_docs))
+            return itertools.islice(self._texts(rows), self.max_docs)
         return self._carved(split, path)
 
     def _per_split(self, path: str) -> bool:

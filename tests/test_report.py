@@ -1,0 +1,140 @@
+"""The sweep report (wavetrain/report.py): a real tiny multirun end to end (failed rows, W&B offline grouping, table
+and PNG), and the table's arithmetic on a hand-built multirun folder (seeds, published values, missing jobs)."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from wavetrain.report import load_sweep, main as report_main, resolve_target
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_tiny_sweep_end_to_end_with_failed_rows_wandb_groups_and_report(tmp_path: Path) -> None:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    args = ["-m", "+sweep=smoke", "scale.n_heads=2,3", "trainer.max_steps=6", "trainer.val_check_interval=3",
+            "optim.warmup_steps=1", "data.val_windows=8", "logger=wandb"]
+    out = subprocess.run([sys.executable, "-m", "wavetrain", *args], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode != 0, "a failed row makes the multirun exit non-zero (after every job ran)"
+    (launch,) = list((tmp_path / "multirun" / "smoke").iterdir())
+    jobs = sorted(int(p.name) for p in launch.iterdir() if p.is_dir() and p.name.isdigit())
+    assert jobs == [0, 1, 2, 3], out.stderr[-3000:]
+    results = {j: json.loads((launch / str(j) / "results.json").read_text()) for j in jobs}
+    statuses = {(r["choices"]["attention"], [o for o in r["overrides"] if o.startswith("scale.n_heads=")][0]):
+                r["status"] for r in results.values()}
+    assert statuses == {("standard", "scale.n_heads=2"): "done", ("standard", "scale.n_heads=3"): "failed",
+                        ("wavefield", "scale.n_heads=2"): "done", ("wavefield", "scale.n_heads=3"): "failed"}, \
+        out.stderr[-3000:]
+    failed = next(r for r in results.values() if r["status"] == "failed")
+    assert failed["error"].startswith("ConfigError: scale.d_model=32 is not divisible by scale.n_heads=3")
+
+    group = f"smoke-{launch.name}"  # the W&B group: sweep name + the launch time of the multirun folder
+    for job, result in results.items():
+        if result["status"] != "done":
+            continue
+        (run,) = (launch / str(job) / "wandb").glob("offline-run-*/run-*.wandb")
+        record = run.read_bytes()
+        attention = result["choices"]["attention"]
+        assert group.encode() in record, f"job {job} is not in W&B group {group}"
+        assert f"attention={attention}".encode() in record and b"scale=tiny" in record and b"data=shakespeare" in record
+        assert b"seq_len" in record and b"${" not in record, "the resolved config travels with the run"
+
+    assert report_main(["smoke", "--root", str(tmp_path / "multirun")]) == 0
+    markdown = (launch / "report.md").read_text()
+    assert "| `attention=standard scale.n_heads=2` | 1 |" in markdown
+    assert "failed: ConfigError: scale.d_model=32 is not divisible by scale.n_heads=3" in markdown
+    assert "4 jobs — 2 done, 2 failed, 0 missing" in markdown
+    assert (launch / "report.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def _write_job(root: Path, number: int, overrides: list[str], results: dict | None,
+               curve: list[float] | None = None) -> None:
+    job = root / str(number)
+    (job / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(overrides), job / ".hydra" / "overrides.yaml")
+    if results is not None:
+        (job / "results.json").write_text(json.dumps(results))
+    if curve:
+        (job / "logs").mkdir()
+        lines = ["step,train/loss,val/loss"] + [f"{10 * i},{v + 0.1},{v}" for i, v in enumerate(curve)]
+        (job / "logs" / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def hand_built_multirun(tmp_path: Path) -> Path:
+    """Rows a (2 seeds done), b (1 failed, 1 running), c (never launched); references on a and b."""
+    root = tmp_path / "multirun" / "demo" / "2025-01-01_00-00-00"
+    root.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({
+        "sweep": {"name": "demo", "table": "Demo table", "metric": "val_ppl", "goal": "min", "seeds": [1, 2]},
+        "reference": [{"match": {"attention": "a"}, "metric": "val_ppl", "value": 10.0, "source": "Paper T1"},
+                      {"match": {"attention": "b"}, "metric": "val_acc", "value": 0.5, "source": "Paper T2"}],
+        "hydra": {"sweeper": {"params": {"attention": "a,b,c", "seed": "1,2"}},
+                  "overrides": {"task": ["+sweep=demo", "trainer.max_steps=5"]}}}), root / "multirun.yaml")
+    common = ["+sweep=demo", "trainer.max_steps=5"]
+    _write_job(root, 0, ["attention=a", "seed=1", *common],
+               {"status": "done", "val_ppl": 11.0, "val_loss": 2.4, "val_acc": 0.4, "n_parameters": 1000},
+               [3.0, 2.6, 2.4])
+    _write_job(root, 1, ["attention=a", "seed=2", *common],
+               {"status": "done", "val_ppl": 13.0, "val_loss": 2.6, "val_acc": 0.3, "n_parameters": 1000},
+               [3.1, 2.8, 2.6])
+    _write_job(root, 2, ["attention=b", "seed=1", *common],
+               {"status": "failed", "error": "RuntimeError: out of memory"})
+    _write_job(root, 3, ["attention=b", "seed=2", *common], None, [3.2])
+    return root
+
+
+def test_rows_seeds_references_and_missing_jobs(hand_built_multirun: Path) -> None:
+    sweep = load_sweep(hand_built_multirun)
+    assert [row.label for row in sweep.rows] == ["attention=a", "attention=b", "attention=c"]
+    a, b, c = sweep.rows
+    assert [len(r.jobs) for r in sweep.rows] == [2, 2, 2]
+    assert a.mean("val_ppl") == 12.0 and a.status() == "done 2/2"
+    assert b.status() == "failed 1/2: RuntimeError: out of memory; missing 1/2"
+    assert c.status() == "missing 2/2" and c.mean("val_ppl") is None
+    assert [r["source"] for r in a.references] == ["Paper T1"] and b.references[0]["metric"] == "val_acc"
+
+    assert report_main([str(hand_built_multirun)]) == 0
+    markdown = (hand_built_multirun / "report.md").read_text()
+    std = statistics.stdev([11.0, 13.0])
+    assert f"| `attention=a` | 2 | 12 ± {std:.2g} | 10 | +2 |" in markdown
+    assert "| `attention=b` | 2 | — | 0.5 (val acc) | — |" in markdown
+    assert "| `attention=c` | 2 | — | — | — |" in markdown and "missing 2/2 |" in markdown
+    assert "6 jobs — 2 done, 1 failed, 3 missing" in markdown and "Paper T1; Paper T2" in markdown
+    assert (hand_built_multirun / "report.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_pivot_orders_variants_by_their_mean(tmp_path: Path) -> None:
+    root = tmp_path / "grid"
+    root.mkdir()
+    OmegaConf.save(OmegaConf.create({
+        "sweep": {"name": "grid", "table": "Grid", "metric": "val_acc", "goal": "max", "seeds": [1],
+                  "pivot": {"rows": "attention", "columns": ["seq_len"]}},
+        "hydra": {"sweeper": {"params": {"attention": "x,y", "seq_len": "8,16", "seed": "1"}},
+                  "overrides": {"task": []}}}), root / "multirun.yaml")
+    accuracy = {("x", "8"): 0.2, ("x", "16"): 0.1, ("y", "8"): 0.9, ("y", "16"): 0.7}
+    for number, ((attention, seq), acc) in enumerate(accuracy.items()):
+        _write_job(root, number, [f"attention={attention}", f"seq_len={seq}", "seed=1"],
+                   {"status": "done", "val_acc": acc})
+    assert report_main([str(root)]) == 0
+    markdown = (root / "report.md").read_text()
+    pivot = markdown.split("## val acc by attention")[1]
+    assert "| attention | seq_len=8 | seq_len=16 | mean val acc |" in pivot
+    assert pivot.index("| y | 0.9 | 0.7 | 0.8 |") < pivot.index("| x | 0.2 | 0.1 | 0.15 |")
+
+
+def test_unknown_sweep_or_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert report_main(["nosuchsweep", "--root", str(tmp_path)]) == 1
+    assert "python -m wavetrain -m +sweep=nosuchsweep" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no multirun.yaml"):
+        resolve_target(str(tmp_path / "empty"), tmp_path / "multirun")
