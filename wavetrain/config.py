@@ -15,6 +15,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 # ${max:a,b} in configs, e.g. DWARF's learned position table: 2050 rows, or seq_len when that is longer
 if not OmegaConf.has_resolver("max"):
     OmegaConf.register_new_resolver("max", lambda *values: max(values))
+# ${div:a,b} = a // b, e.g. warmup = 10% of trainer.max_steps, so `trainer.max_steps=50` alone is a valid run
+if not OmegaConf.has_resolver("div"):
+    OmegaConf.register_new_resolver("div", lambda a, b: int(a) // int(b))
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("attention", "scale", "data", "tokenizer", "optim", "trainer", "logger")
