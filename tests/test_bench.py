@@ -198,7 +198,7 @@ def test_case_predicted_over_budget_or_memory_is_skipped_without_running() -> No
     slow = Track(points=[(100, 1.0, None), (200, 4.0, None)])
     result = measure_case(never, settings, slow, 400)
     assert result.median_s is None and "budget" in result.note
-    assert "budget" in measure_case(never, settings, slow, 800).note  # longer lengths stay skipped
+    assert "N=400 was already skipped" in measure_case(never, settings, slow, 800).note  # longer ones stay skipped
     big = Track(points=[(100, 1e-3, 2**28), (200, 2e-3, 2**29)])
     assert "memory limit" in measure_case(never, settings, big, 400).note
     fine = Track()

@@ -301,6 +301,11 @@ class Track:
     points: list[tuple[int, float, float | None]] = field(default_factory=list)
     stopped: str = ""
 
+    def stop(self, n_tokens: int, reason: str) -> Measurement:
+        """Skip this length for ``reason`` and every longer one with a note pointing here."""
+        self.stopped = f"skipped: N={n_tokens} was already skipped ({reason})"
+        return Measurement(note=f"skipped: {reason}")
+
     def _predict(self, n_tokens: int, index: int, low: float, high: float) -> float | None:
         usable = [p for p in self.points if p[index] is not None and p[index] > 0]
         if not usable:
@@ -334,13 +339,12 @@ def measure_case(make: Callable[[], Callable[[], None]], settings: Settings, tra
         return Measurement(note=track.stopped)
     predicted = track.predicted_seconds(n_tokens)
     if predicted is not None and predicted * (settings.warmup + MIN_TIMED_RUNS) > settings.budget:
-        track.stopped = f"skipped: predicted {predicted:.1f} s per run exceeds the {settings.budget:.0f} s budget"
-        return Measurement(note=track.stopped)
+        return track.stop(n_tokens, f"predicted {predicted:.1f} s per run, {settings.warmup} warm-up + "
+                                    f"{MIN_TIMED_RUNS} runs exceed the {settings.budget:.0f} s budget")
     predicted_memory = track.predicted_bytes(n_tokens)
     if predicted_memory is not None and predicted_memory > settings.max_memory:
-        track.stopped = (f"skipped: predicted {predicted_memory / 2**30:.1f} GiB exceeds the "
-                         f"{settings.max_memory / 2**30:.1f} GiB memory limit")
-        return Measurement(note=track.stopped)
+        return track.stop(n_tokens, f"predicted {predicted_memory / 2**30:.1f} GiB exceeds the "
+                                    f"{settings.max_memory / 2**30:.1f} GiB memory limit")
     memory = PeakMemory(settings.device)
     run = None
     try:
@@ -355,8 +359,9 @@ def measure_case(make: Callable[[], Callable[[], None]], settings: Settings, tra
             spent += settings.now() - start
         per_run = spent / max(settings.warmup, 1)
         if settings.warmup and per_run > settings.budget:
-            track.stopped = f"skipped: one run took {per_run:.1f} s, over the {settings.budget:.0f} s budget"
-            return Measurement(note=track.stopped, peak_bytes=memory.peak())
+            skipped = track.stop(n_tokens, f"one run took {per_run:.1f} s, over the {settings.budget:.0f} s budget")
+            skipped.peak_bytes = memory.peak()
+            return skipped
         runs = settings.repeats if not settings.warmup else \
             max(1, min(settings.repeats, int((settings.budget - spent) / max(per_run, 1e-9))))
         times = []
@@ -374,8 +379,7 @@ def measure_case(make: Callable[[], Callable[[], None]], settings: Settings, tra
     except Exception as error:  # noqa: BLE001 - a failing case is reported in the table, the benchmark goes on
         if not _out_of_memory(error):
             return Measurement(note=f"error: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
-        track.stopped = "skipped: out of memory"
-        return Measurement(note=track.stopped)
+        return track.stop(n_tokens, "out of memory")
     finally:
         del run
         gc.collect()
@@ -556,7 +560,7 @@ def write_plot(path: Path, rows: dict[tuple[str, int], Row], variants: list[Vari
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("sequence length N")
-        axis.set_ylabel("median time (ms)")
+        axis.set_ylabel("median time (ms" + (", process CPU time)" if settings.clock == "process" else ")"))
         axis.set_title(f"{MEASURE_TITLES[measure]} ({settings.device.type}, D={settings.dim}, B={settings.batch})")
         axis.grid(True, which="both", alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))

@@ -10,7 +10,6 @@ causality guard are shared by the Wave Field attention and DWARF condA–F (spec
 from __future__ import annotations
 
 import functools
-import itertools
 
 import torch
 
