@@ -181,9 +181,11 @@ def test_shakespeare_paragraphs_follow_the_protocol() -> None:
 def test_paper_metrics_beside_token_weighted_ones() -> None:
     """val/loss_batch_mean = mean of per-batch mean CE, val/ppl_batch_mean = exp(min(., 20)) and val/acc =
     token-weighted argmax accuracy (spec §4), next to the token-weighted val/loss and val/ppl."""
+    # init_std 0.5: token losses spread widely (at the 0.02 init every loss is ≈ ln V and the two averages agree)
     cfg = compose_config(SHAKESPEARE_PARAGRAPHS + ["scale=tiny", "tokenizer=wordchar1024", "data.val_windows=70",
-                                                   "trainer.precision=32-true"])
+                                                   "model.init_std=0.5", "trainer.precision=32-true"])
     data = TextDataModule(cfg.data, cfg.tokenizer, cfg.seq_len, cfg.seed)
+    torch.manual_seed(0)
     task = LanguageModelTask(OmegaConf.to_container(cfg, resolve=True), data.prepare())
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
@@ -207,7 +209,7 @@ def test_paper_metrics_beside_token_weighted_ones() -> None:
     assert logged["val/ppl"] == pytest.approx(math.exp(loss_sum / count), rel=1e-5)
     assert logged["val/acc"] == pytest.approx(hits / count, rel=1e-6)
     assert logged["val/tokens"] == count
-    assert abs(logged["val/loss_batch_mean"] - logged["val/loss"]) > 1e-6  # the two averages really differ
+    assert abs(logged["val/loss_batch_mean"] - logged["val/loss"]) > 1e-3  # the two averages really differ
 
 
 # --------------------------------------------------------------------------------- presets and parameter counts
