@@ -185,7 +185,6 @@ class PeakMemory:
         self.base = 0
 
     def start(self) -> None:
-        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -563,7 +562,8 @@ def write_plot(path: Path, rows: dict[tuple[str, int], Row], variants: list[Vari
         axis.set_ylabel("median time (ms" + (", process CPU time)" if settings.clock == "process" else ")"))
         axis.set_title(f"{MEASURE_TITLES[measure]} ({settings.device.type}, D={settings.dim}, B={settings.batch})")
         axis.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    if axes[0][-1].get_legend_handles_labels()[0]:
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

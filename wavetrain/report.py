@@ -294,7 +294,9 @@ def plot_report(sweep: Sweep, path: Path) -> None:
     n = len(sweep.rows)
     height = max(4.0, 0.28 * n + 1.5)
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(15, height), gridspec_kw={"width_ratios": [1.2, 1]})
-    colors = plt.get_cmap("tab20" if n > 10 else "tab10")
+    palette = plt.get_cmap("tab10" if n <= 10 else "tab20" if n <= 20 else "turbo")
+    colors = palette if n <= 20 else plt.matplotlib.colors.ListedColormap(
+        [palette(0.05 + 0.9 * i / (n - 1)) for i in range(n)])  # one distinct colour per row
     for index, row in enumerate(sweep.rows):
         color = colors(index % colors.N)
         for seed_index, job in enumerate(row.jobs):
@@ -307,7 +309,7 @@ def plot_report(sweep: Sweep, path: Path) -> None:
     curves.set_title("validation loss")
     curves.grid(alpha=0.3)
     if n <= 24 and curves.get_legend_handles_labels()[0]:
-        curves.legend(fontsize=7, loc="upper right")
+        curves.legend(fontsize=6 if n > 10 else 7, loc="best", framealpha=0.6)
     positions = list(range(n))
     means = [row.mean(sweep.metric) for row in sweep.rows]
     errors = [statistics.stdev(v) if len(v := row.values(sweep.metric)) > 1 else 0.0 for row in sweep.rows]
