@@ -1,10 +1,15 @@
 """Sweep files (sweeps/*.yaml): the header contract, dry runs of every file with the job count its grid implies,
-seeds, command-line overrides, and the submitit launchers (sbatch script built without a cluster)."""
+seeds, command-line overrides, the submitit launchers (sbatch script built without a cluster) and the parallel local
+launcher (a real two-worker multirun)."""
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,3 +162,28 @@ def test_local_submitit_launcher_config_composes() -> None:
     assert type(launcher).__name__ == "LocalLauncher"
     assert launcher.params["timeout_min"] == 240 and launcher.params["tasks_per_node"] == 1
     assert launcher.params["submitit_folder"].endswith("/.submitit/%j")
+
+
+def test_parallel_launcher_config_composes() -> None:
+    launcher, cfg = _launcher(["+sweep=smoke", "hydra/launcher=parallel"])
+    GlobalHydra.instance().clear()
+    assert type(launcher).__name__ == "JoblibLauncher"
+    assert cfg.hydra.launcher.n_jobs == -1 and cfg.hydra.launcher.pre_dispatch == "n_jobs"
+    mqar_launcher, _ = _launcher(["+sweep=mqar"])
+    GlobalHydra.instance().clear()
+    assert type(mqar_launcher).__name__ == "JoblibLauncher", "the MQAR table is the CPU table: one job per core"
+
+
+@pytest.mark.slow
+def test_parallel_launcher_runs_every_job_once_in_worker_processes(tmp_path: Path) -> None:
+    """Two workers, four jobs, two of which fail: every job runs once, failures are recorded, the exit is non-zero."""
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    args = ["-m", "+sweep=smoke", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "scale.n_heads=2,3",
+            "trainer.max_steps=4", "trainer.val_check_interval=2", "optim.warmup_steps=1", "data.val_windows=4"]
+    out = subprocess.run([sys.executable, "-m", "wavetrain", *args], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 1 and "Joblib.Parallel(n_jobs=2" in out.stdout + out.stderr, out.stderr[-3000:]
+    (launch,) = list((tmp_path / "multirun" / "smoke").iterdir())
+    results = [json.loads(path.read_text()) for path in sorted(launch.glob("*/results.json"))]
+    assert sorted(r["status"] for r in results) == ["done", "done", "failed", "failed"], out.stderr[-3000:]
+    assert all(r["steps"] == 4 for r in results if r["status"] == "done")
