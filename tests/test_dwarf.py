@@ -250,14 +250,15 @@ def test_d4_tap_order_per_condition(name):
 
 
 def test_field_size_auto_and_guards():
-    """auto keeps G = 4096 up to seq_len 2048 and grows to 2·seq_len − 1 beyond (stride ≥ 2 at every N);
-    unsafe explicit sizes and over-long inputs raise."""
+    """auto is G = 2·seq_len: the published 4096 at seq_len 2048, proportionally smaller or larger elsewhere
+    (stride > 2 at every N); unsafe explicit sizes and over-long inputs raise."""
     assert dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=2048).field_size == 4096
-    assert dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=2049).field_size == 4097
+    assert dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=64).field_size == 128
+    assert dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=2049).field_size == 4098
     long_module = dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=16384)
-    assert long_module.field_size == 32767
+    assert long_module.field_size == 32768
     for n in (2, 3, 100, 8191, 8192, 12000, 16383, 16384):
-        field_ops.check_field_causality(32767, n)
+        field_ops.check_field_causality(32768, n)
     with pytest.raises(ValueError, match="field_size=4096"):
         dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=2049, field_size=4096)
     module = build("condA", seq_len=40)

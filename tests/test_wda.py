@@ -66,8 +66,8 @@ class Reseeded(torch.nn.Module):
 # --------------------------------------------------------------------------- building blocks
 @pytest.mark.parametrize("length", [1, 7, 48])
 def test_fft_application_equals_naive_causal_sum(length: int) -> None:
-    """The three ways the module applies causal_fft_conv (per-row kernel, per-mask kernel bank) equal the direct
-    Σ_{d≤t} k(d)·z_{t−d} in float64, values and gradients (spec §8.2)."""
+    """causal_fft_conv with a per-row kernel and with a per-mask kernel bank (the shapes the module and its reference
+    use) equals the direct Σ_{d≤t} k(d)·z_{t−d} in float64, values and gradients (spec §8.2)."""
     gen = torch.Generator().manual_seed(length)
     signal = torch.randn(2, 3, 5, length, dtype=torch.float64, generator=gen, requires_grad=True)  # (B,H,C,N)
     row_kernel = torch.rand(2, 3, 1, length, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -228,6 +228,27 @@ def test_fast_path_equals_naive_reference(options: dict) -> None:
         assert (g is None) == (g_ref is None), name
         if g is not None:
             torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("options", [dict(gate_pooling="prefix_mixdens"),
+                                     dict(gate_pooling="prefix_mixdens", density="sampling", noise_sigma=1.0,
+                                          num_samples=16),
+                                     dict(gate_pooling="prefix", use_sin_waves=True)], ids=str)
+def test_blocked_paths_equal_reference_with_many_blocks(options: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache-sized blocks of the mask mixture and the lag chunks of the mask rendering cover one block at test
+    sizes; shrunk to a few entries, every block boundary is crossed and values and gradients still equal the naive
+    reference (float64)."""
+    monkeypatch.setattr(wda, "MIXTURE_BLOCK_ELEMENTS", 7)
+    monkeypatch.setattr(wda, "RENDER_CHUNK_ELEMENTS", 5)
+    x = inputs(length=19)
+    module = small(**options)
+    y, grads = outputs_and_grads(lambda m, inp: m(inp), module, x)
+    y_ref, grads_ref = outputs_and_grads(wda_reference, module, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-11)
+    for g, g_ref in zip(grads, grads_ref):
+        assert (g is None) == (g_ref is None)
+        if g is not None:
+            torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
 
 
 def test_raw_density_mixdens_equals_prefix() -> None:

@@ -104,8 +104,8 @@ def wavefield_flops(module: WaveFieldAttention, n_tokens: int, batch: int = 1) -
 
 
 def dwarf_field_flops(module: DwarfFieldAttention, n_tokens: int, batch: int = 1) -> AttentionFlops:
-    """DWARF condA–F (spec dwarf.md §3.A–F): the Wave Field cost with G = ``module.field_size`` (4096 up to
-    seq_len 2048), plus the kernel: damped cosine (~8 FLOP per tap), or gains @ 12-scale basis (2·H·12·G, condC/D);
+    """DWARF condA–F (spec dwarf.md §3.A–F): the Wave Field cost with G = ``module.field_size`` (auto: 2·seq_len,
+    the published 4096 at seq_len 2048), plus the kernel: damped cosine (~8 FLOP per tap), or gains @ 12-scale basis (2·H·12·G, condC/D);
     condB's dispersion (an rfft and irfft of the H kernels at 2G and a phase rotation); condD's KdV step (3 FLOP per
     field element)."""
     dim, heads, size = module.qkv.in_features, module.n_heads, module.field_size

@@ -243,3 +243,113 @@ def check_field_causality(field_size: int, max_seq_len: int, setting: str = "fie
         f"stride s=(G-1)/(M-1)={stride:.6g} cells/token makes token {leak} read field cell {read_cell}, where token "
         f"{leak + 1} deposits (spec wavefield.md §7). Use {setting}={smallest}, the smallest causal value for this "
         f"max_seq_len, or a larger one with an integer stride or stride >= 2.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Channel-major bilinear layout and the fused scatter → causal convolution → gather (dwarf.md §3.A steps 4, 5, 7)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Real samples per block of rows transformed together on a CPU (8 MiB in fp32).  Whole-field transforms at long
+# lengths allocate 64 MiB buffers that glibc maps fresh from the kernel on every call (the page faults cost about as
+# much as the FFT itself); blocks this size are reused from the heap and stay in cache from scatter to gather.  Other
+# devices transform everything in one block.
+_BLOCK_SAMPLES = 1 << 21
+
+
+def bilinear_scatter_rows(rows: torch.Tensor, lower: torch.Tensor, frac: torch.Tensor, length: int) -> torch.Tensor:
+    """Deposit token rows (..., N) into a zero field (..., length) along the last axis (spec wavefield.md §2.2
+    step 3, channel-major): Φ[a_i] += (1 − f_i)·r_i and Φ[a_i + 1] += f_i·r_i, in the dtype of ``rows``.  The
+    adjoint of :func:`bilinear_gather_rows`; ``length`` may exceed G (zero padding for a transform)."""
+    frac = frac.to(rows.dtype)
+    field = rows.new_zeros(*rows.shape[:-1], length)
+    field.scatter_add_(-1, lower.expand_as(rows), rows * (1.0 - frac))
+    return field.scatter_add_(-1, (lower + 1).expand_as(rows), rows * frac)
+
+
+def bilinear_gather_rows(field: torch.Tensor, lower: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
+    """Bilinear read along the last axis, field (..., ≥ G) -> (..., N): r_i = (1 − f_i)·Ψ[a_i] + f_i·Ψ[a_i + 1]
+    (spec wavefield.md §2.2 step 8, channel-major)."""
+    frac = frac.to(field.dtype)
+    shape = (*field.shape[:-1], lower.shape[-1])
+    return (torch.gather(field, -1, lower.expand(shape)) * (1.0 - frac)
+            + torch.gather(field, -1, (lower + 1).expand(shape)) * frac)
+
+
+def bilinear_conv_gather(values: torch.Tensor, lower: torch.Tensor, frac: torch.Tensor, kernel: torch.Tensor,
+                         field_size: int) -> torch.Tensor:
+    """Scatter token rows onto the field, convolve each head causally with its kernel and read the field back.
+
+    values (B, H, C, N) (channel-major: tokens on the last axis), kernel (H, G) -> (B, H, C, N); equal to
+    ``bilinear_gather_rows(causal_fft_conv(bilinear_scatter_rows(values, lower, frac, G), kernel[:, None]), lower,
+    frac)`` (spec dwarf.md §3.A steps 4, 5 and 7; wavefield.md §2.2) without materialising the field: rows are
+    scattered straight into zero-padded transform buffers a block of (batch, head) pairs at a time, and the kernel
+    spectrum is computed once per call.  Computed in float32 (float64 if an input is float64) even under bf16
+    autocast; returns ``values.dtype``.
+    """
+    if kernel.shape != (values.shape[1], field_size):
+        raise ValueError(f"kernel shape {tuple(kernel.shape)} must be (heads, field_size) = "
+                         f"{(values.shape[1], field_size)}")
+    dtype = _fft_dtype(values, kernel)
+    with torch.autocast(device_type=values.device.type, enabled=False):
+        out = _BilinearConvGather.apply(values.to(dtype), kernel.to(dtype), lower, frac.to(dtype),
+                                        fft_conv_length(field_size))
+    return out.to(values.dtype)
+
+
+class _BilinearConvGather(torch.autograd.Function):
+    """y = Sᵀ·irfft(rfft(S·v, n)·rfft(k, n), n) per (batch, head, channel) row, S the bilinear scatter.
+
+    Backward: the gather's adjoint is the scatter, so ∂v = Sᵀ·irfft(rfft(S·g)·conj(K)) and
+    ∂k = irfft(Σ_{b,c} rfft(S·g)·conj(rfft(S·v)))[:G] (the cross-correlations of :class:`_CausalFFTConv`).
+    Work runs in blocks of (batch, head) pairs of at most ``_BLOCK_SAMPLES`` padded samples; the signal spectra of
+    the forward blocks are kept for ∂k.
+    """
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, kernel: torch.Tensor, lower: torch.Tensor, frac: torch.Tensor,
+                n_fft: int) -> torch.Tensor:
+        batch, heads, channels, n = values.shape
+        pairs = values.reshape(batch * heads, channels, n)
+        kernel_f = torch.fft.rfft(kernel, n=n_fft)                                     # (H, F), once per call
+        head_of_pair = torch.arange(batch * heads, device=values.device) % heads
+        out = torch.empty_like(pairs)
+        spectra = []
+        for block in _pair_blocks(batch * heads, channels, n_fft, values.device):
+            signal_f = torch.fft.rfft(bilinear_scatter_rows(pairs[block], lower, frac, n_fft))
+            field = torch.fft.irfft(signal_f * kernel_f[head_of_pair[block], None], n=n_fft)
+            out[block] = bilinear_gather_rows(field, lower, frac)
+            if ctx.needs_input_grad[1]:
+                spectra.append(signal_f)
+        ctx.save_for_backward(kernel_f, head_of_pair, lower, frac, *spectra)
+        ctx.n_fft, ctx.field_size = n_fft, kernel.shape[-1]
+        return out.view(values.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        kernel_f, head_of_pair, lower, frac, *spectra = ctx.saved_tensors
+        heads, bins = kernel_f.shape
+        batch_heads, channels, n = head_of_pair.shape[0], grad_out.shape[-2], grad_out.shape[-1]
+        n_fft = ctx.n_fft
+        grads = grad_out.reshape(batch_heads, channels, n)
+        grad_values = torch.empty_like(grads) if ctx.needs_input_grad[0] else None
+        kernel_grad_f = kernel_f.new_zeros(heads, bins) if ctx.needs_input_grad[1] else None
+        for index, block in enumerate(_pair_blocks(batch_heads, channels, n_fft, grad_out.device)):
+            grad_f = torch.fft.rfft(bilinear_scatter_rows(grads[block], lower, frac, n_fft))
+            if kernel_grad_f is not None:                                          # Σ_{b,c} conj(X)·G per head
+                kernel_grad_f.index_add_(0, head_of_pair[block], torch.linalg.vecdot(spectra[index], grad_f, dim=1))
+            if grad_values is not None:
+                field = torch.fft.irfft(grad_f.mul_(kernel_f[head_of_pair[block], None].conj()), n=n_fft)
+                grad_values[block] = bilinear_gather_rows(field, lower, frac)
+        grad_kernel = None
+        if kernel_grad_f is not None:
+            grad_kernel = torch.fft.irfft(kernel_grad_f, n=n_fft)[:, :ctx.field_size]
+        if grad_values is not None:
+            grad_values = grad_values.view(grad_out.shape)
+        return grad_values, grad_kernel, None, None, None
+
+
+def _pair_blocks(pairs: int, channels: int, n_fft: int, device: torch.device) -> list[slice]:
+    # Consecutive (batch, head) pairs, on a CPU as many per block as fit _BLOCK_SAMPLES padded samples (at least one).
+    step = max(1, _BLOCK_SAMPLES // (channels * n_fft)) if device.type == "cpu" else pairs
+    return [slice(start, min(start + step, pairs)) for start in range(0, pairs, step)]

@@ -24,16 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wavetrain.models.field_ops import (bilinear_gather, bilinear_positions, bilinear_scatter, causal_fft_conv,
-                                        check_field_causality, field_stride)
+from wavetrain.models.field_ops import (bilinear_conv_gather, bilinear_gather_rows, bilinear_positions,
+                                        bilinear_scatter_rows, causal_fft_conv, check_field_causality, field_stride)
 
 # Daubechies-4 low-pass coefficients h_0 … h_3 (spec §3 notation).
 D4_COEFFICIENTS = (0.4829629131445341, 0.8365163037378079, 0.2241438680420134, -0.1294095225512604)
 DYADIC_SCALES = 11      # j = 0..10 (spec §3 notation, S = 11)
 D4_TAPS = 4             # τ = 0..3
 FIELD_SCALES = 12       # Morlet / DB4 basis scales of condC/D (spec §3.C: S = log2(4096) = 12)
-PUBLISHED_FIELD_SIZE = 4096  # G of condA–D (spec §3.A)
+FIELD_CELLS_PER_TOKEN = 2   # auto field: G = 2·seq_len, the published 4096 cells at seq_len 2048 (spec §3.A)
 NORMALISER_EPS = 1e-6   # out = num / (Z + 1e-6) (spec §3.K)
+SHIFT_CHUNK_ELEMENTS = 1 << 18  # row elements per token chunk of the shifted-row products (1 MiB in fp32)
+MIN_BAND_WIDTH = 16     # a dense offset prefix this wide is read as one band; narrower ones are faster one by one
 PLAN_CACHE_SIZE = 8     # tap plans (index tensors) kept per dyadic module, one per recent sequence length
 
 
@@ -75,23 +77,168 @@ def d4_warm_start_bias(offsets: list[int]) -> list[float]:
     return [0.30 * value / peak for value in centred]
 
 
-def shifted_rows(x: torch.Tensor, offsets: list[int], index: torch.Tensor | None = None) -> torch.Tensor:
-    """x (B, H, N, C) -> (B, H, N, U, C) with out[..., i, u, :] = x[..., i − offsets[u], :], zero where i < offset.
+# ---------------------------------------------------------------------------------------------------------------
+# Shifted-row products: the reads of the dyadic family at its offsets (spec §3 notation, §3.G–P)
+#
+# Tensors are token-major, rows (B, N, H, C) and per-offset weights (B, N, H, U).  A dense prefix of offsets
+# 0 … band − 1 is read through strided windows of a zero-padded time-major copy (a Tensor.unfold-style view, no copy
+# per offset), one batched matrix product for all of them; the other offsets are read one shifted slice at a time.
+# Both run over token chunks that stay in cache while every offset reads them.  Memory stays O(N·(U + C)) per head:
+# the (B, N, U, C) stack of shifted rows is never formed, and the backward passes are the same three reads.
 
-    One indexed read of a front-padded copy (no loop over offsets); memory O(N·U·C).  Every offset must be < N.
-    ``index`` is the precomputed (N, U) row index into the padded copy (see :meth:`DwarfDyadicAttention._plan`).
-    """
-    n = x.shape[-2]
-    pad = max(offsets)
-    if index is None:
-        index = _shift_index(n, offsets, x.device)
-    return F.pad(x, (0, 0, pad, 0))[..., index, :]
+class _Shifts(NamedTuple):
+    """Read offsets split for :func:`shifted_dot` / :func:`shifted_sum`; every offset is < N."""
+    band: int              # the leading offsets 0, 1, …, band − 1
+    sparse: tuple[int, ...]  # the other offsets, ascending
+
+    @classmethod
+    def of(cls, offsets: list[int]) -> _Shifts:
+        band = 0
+        while band < len(offsets) and offsets[band] == band:
+            band += 1
+        if band < MIN_BAND_WIDTH:
+            band = 0
+        return cls(band, tuple(offsets[band:]))
 
 
-def _shift_index(n: int, offsets: list[int], device: torch.device) -> torch.Tensor:
-    pad = max(offsets)
-    rows = torch.arange(pad, pad + n, device=device)
-    return rows[:, None] - torch.tensor(offsets, device=device)[None, :]
+def shifted_dot(a: torch.Tensor, b: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+    """out[:, i, :, u] = a_i · b_{i − o_u}, zero where i < o_u: rows (B, N, H, C) -> (B, N, H, U).
+
+    ``offsets`` ascending, each < N.  Computed in the promoted dtype of a and b outside autocast; the backward
+    pass is written out (:class:`_ShiftedDot`)."""
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        return _ShiftedDot.apply(a.to(dtype), b.to(dtype), _Shifts.of(offsets))
+
+
+def shifted_sum(weights: torch.Tensor, b: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+    """out[:, i] = Σ_u weights[:, i, :, u]·b_{i − o_u}, zero-filled rows where i < o_u: (B, N, H, U), (B, N, H, C)
+    -> (B, N, H, C).  ``offsets`` ascending, each < N; promoted dtype outside autocast (:class:`_ShiftedSum`)."""
+    dtype = torch.promote_types(weights.dtype, b.dtype)
+    with torch.autocast(device_type=b.device.type, enabled=False):
+        return _ShiftedSum.apply(weights.to(dtype), b.to(dtype), _Shifts.of(offsets))
+
+
+class _ShiftedDot(torch.autograd.Function):
+    """Backward of out[i, u] = a_i·b_{i−o_u}: ∂a_i = Σ_u g[i, u]·b_{i−o_u}, ∂b_j = Σ_u g[j+o_u, u]·a_{j+o_u}."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, shifts: _Shifts) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        ctx.shifts = shifts
+        return _dot_behind(a, b, shifts)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        return _sum_behind(grad, b, ctx.shifts), _sum_ahead(grad, a, ctx.shifts), None
+
+
+class _ShiftedSum(torch.autograd.Function):
+    """Backward of out_i = Σ_u w[i, u]·b_{i−o_u}: ∂w[i, u] = g_i·b_{i−o_u}, ∂b_j = Σ_u w[j+o_u, u]·g_{j+o_u}."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, b: torch.Tensor, shifts: _Shifts) -> torch.Tensor:
+        ctx.save_for_backward(weights, b)
+        ctx.shifts = shifts
+        return _sum_behind(weights, b, shifts)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        weights, b = ctx.saved_tensors
+        return _dot_behind(grad, b, ctx.shifts), _sum_ahead(weights, grad, ctx.shifts), None
+
+
+def _chunks(x: torch.Tensor) -> list[tuple[int, int]]:
+    # Token ranges of about SHIFT_CHUNK_ELEMENTS row elements: on a CPU each range's rows and results stay in cache
+    # while every offset reads them, so time grows linearly in N instead of streaming whole (B, N, H, C) tensors per
+    # offset.  Other devices take one range: kernel launches, not caches, bound them.
+    batch, n, heads, channels = x.shape
+    if x.device.type != "cpu":
+        return [(0, n)]
+    step = max(1, SHIFT_CHUNK_ELEMENTS // (batch * heads * channels))
+    return [(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+def _time_major(x: torch.Tensor) -> torch.Tensor:
+    # (B, N', H, K) -> (N'·B·H, 1, K), the batch of row vectors the band products multiply.
+    return x.transpose(0, 1).reshape(-1, 1, x.shape[-1])
+
+
+def _padded_rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    # Rows start … stop − 1 of x (B, N, H, K), time-major (stop − start, B, H, K), zero outside 0 … N − 1.
+    batch, n, heads, width = x.shape
+    rows = x.new_zeros(stop - start, batch, heads, width)
+    low, high = max(start, 0), min(stop, n)
+    rows[low - start:high - start] = x[:, low:high].transpose(0, 1)
+    return rows
+
+
+def _windows(rows: torch.Tensor, band: int) -> torch.Tensor:
+    # Time-major rows (R, B, H, K) -> view (R'·B·H, K, band), R' = R − band + 1: the window of (r, b, h) holds rows
+    # r … r + band − 1.
+    length, batch, heads, width = rows.shape
+    step = batch * heads * width
+    return rows.as_strided(((length - band + 1) * batch * heads, width, band), (width, 1, step))
+
+
+def _dot_behind(a: torch.Tensor, b: torch.Tensor, shifts: _Shifts) -> torch.Tensor:
+    # out[:, i, :, u] = a_i · b_{i − o_u} (zero for i < o_u), (B, N, H, U).
+    batch, n, heads, _ = a.shape
+    band = shifts.band
+    out = a.new_zeros(batch, n, heads, band + len(shifts.sparse))
+    for start, stop in _chunks(a):
+        if band:
+            # Window column w of row i holds b_{i − (band − 1) + w}, i.e. offset band − 1 − w.
+            dots = torch.bmm(_time_major(a[:, start:stop]), _windows(_padded_rows(b, start - band + 1, stop), band))
+            out[:, start:stop, :, :band] = dots.view(stop - start, batch, heads, band).transpose(0, 1).flip(-1)
+        for column, offset in enumerate(shifts.sparse, start=band):
+            low = max(start, offset)
+            if low < stop:
+                out[:, low:stop, :, column] = torch.linalg.vecdot(a[:, low:stop], b[:, low - offset:stop - offset])
+    return out
+
+
+def _sum_behind(weights: torch.Tensor, b: torch.Tensor, shifts: _Shifts) -> torch.Tensor:
+    # out_i = Σ_u weights[i, u]·b_{i − o_u}, (B, N, H, C).
+    batch, n, heads, channels = b.shape
+    band = shifts.band
+    out = b.new_zeros(batch, n, heads, channels)
+    for start, stop in _chunks(b):
+        if band:
+            window_weights = _time_major(weights[:, start:stop, :, :band].flip(-1))
+            windows = _windows(_padded_rows(b, start - band + 1, stop), band)
+            sums = torch.bmm(window_weights, windows.transpose(1, 2))
+            out[:, start:stop] = sums.view(stop - start, batch, heads, channels).transpose(0, 1)
+        for column, offset in enumerate(shifts.sparse, start=band):
+            low = max(start, offset)
+            if low < stop:
+                out[:, low:stop].addcmul_(weights[:, low:stop, :, column, None], b[:, low - offset:stop - offset])
+    return out
+
+
+def _sum_ahead(weights: torch.Tensor, a: torch.Tensor, shifts: _Shifts) -> torch.Tensor:
+    # out_j = Σ_u weights[j + o_u, u]·a_{j + o_u} (rows beyond N − 1 are zero), (B, N, H, C): the adjoint reads.
+    batch, n, heads, channels = a.shape
+    band = shifts.band
+    out = a.new_zeros(batch, n, heads, channels)
+    for start, stop in _chunks(a):
+        if band:
+            # skewed[j, u] = weights[j + u, u]: a diagonal stride through the time-major rows j … j + band − 1.
+            rows = _padded_rows(weights[..., :band], start, stop + band - 1)
+            step = batch * heads * band
+            skewed = rows.as_strided((stop - start, batch, heads, band), (step, heads * band, band, step + 1))
+            windows = _windows(_padded_rows(a, start, stop + band - 1), band)
+            sums = torch.bmm(skewed.reshape(-1, 1, band).contiguous(), windows.transpose(1, 2))
+            out[:, start:stop] = sums.view(stop - start, batch, heads, channels).transpose(0, 1)
+        for column, offset in enumerate(shifts.sparse, start=band):
+            high = min(stop, n - offset)
+            if start < high:
+                out[:, start:high].addcmul_(weights[:, start + offset:high + offset, :, column, None],
+                                            a[:, start + offset:high + offset])
+    return out
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -110,6 +257,27 @@ def _split_heads(qkv: nn.Linear, x: torch.Tensor, n_heads: int) -> tuple[torch.T
     batch, n, dim = x.shape
     q, k, v = qkv(x).view(batch, n, 3, n_heads, dim // n_heads).permute(2, 0, 3, 1, 4)
     return q, k, v
+
+
+def _split_heads_by_token(qkv: nn.Linear, x: torch.Tensor, n_heads: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # q, k, v of _split_heads as token-major views (B, N, H, d_h).
+    batch, n, dim = x.shape
+    q, k, v = qkv(x).view(batch, n, 3, n_heads, dim // n_heads).unbind(2)
+    return q, k, v
+
+
+def _linear_by_channel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    # A Linear's output channel-major, (B, N, D_in) -> (B, D_out, N), as one batched GEMM (no transposing copy).
+    return torch.baddbmm(bias[:, None], weight.expand(x.shape[0], -1, -1), x.transpose(1, 2))
+
+
+def _channel_norm(k: torch.Tensor) -> torch.Tensor:
+    # ‖k‖₂ over the channel axis −2, keepdim.  A square-sum-root: torch.norm reduces a non-innermost axis about ten
+    # times slower.  The double where keeps torch.norm's zero gradient at ‖k‖ = 0 (the root's own would be NaN).
+    squares = (k * k).sum(-2, keepdim=True)
+    positive = squares > 0
+    return torch.where(positive, torch.where(positive, squares, 1.0).sqrt(), 0.0)
 
 
 def _merge_heads(y: torch.Tensor) -> torch.Tensor:
@@ -212,9 +380,10 @@ class DwarfFieldAttention(nn.Module):
             return self.seq_len
         if field_size == "auto":
             # The stride (G−1)/(N−1) changes with N, so the layout must be causal at every N ≤ seq_len, not only at
-            # N = seq_len (what field_ops.auto_field_size verifies).  G = 2·seq_len − 1 gives stride ≥ 2 at every N,
-            # which keeps each token's two cells below the next token's (spec §0); forward re-checks each new N.
-            size = max(PUBLISHED_FIELD_SIZE, 2 * self.seq_len - 1)
+            # N = seq_len.  G = 2·seq_len gives stride > 2 at every N, which keeps each token's two cells below the
+            # next token's (spec §0), and is the published G = 4096 at the published seq_len 2048 (spec §3.A); a
+            # shorter context gets a proportionally smaller field instead of a mostly empty 4096-cell one.
+            size = FIELD_CELLS_PER_TOKEN * self.seq_len
         elif isinstance(field_size, int):
             size = field_size
         else:
@@ -290,25 +459,36 @@ class DwarfFieldAttention(nn.Module):
             _check_stretch_layout(self.field_size, n)
         return bilinear_positions(n, field_stride(self.field_size, n), self.field_size, device)
 
-    def propagate(self, field: torch.Tensor) -> torch.Tensor:
-        """Field (B, H, G, C) after the causal convolution, the optional KdV step and the head coupling."""
-        kernel = self.kernels().to(field.dtype)
-        field = causal_fft_conv(field.transpose(-1, -2), kernel[:, None, :]).transpose(-1, -2)
-        if self.kdv:
-            slope = torch.cat([torch.zeros_like(field[:, :, :1]), field[:, :, 1:] - field[:, :, :-1]], dim=2)
-            field = field + self.kdv_alpha.to(field.dtype)[:, None, None] * field * slope
-        coupling = self.field_coupling.softmax(-1).to(field.dtype)
-        return torch.einsum("hg,bgfc->bhfc", coupling, field)
+    def read_field(self, deposit: torch.Tensor, lower: torch.Tensor, frac: torch.Tensor) -> torch.Tensor:
+        """Per-head read-back (B, H, C, N) of the channel-major deposits (B, H, C, N): bilinear scatter, causal
+        convolution with :meth:`kernels`, the optional KdV step and bilinear gather (spec §3.A steps 4, 5, 7; §3.D)."""
+        kernel = self.kernels().to(deposit.dtype)
+        if not self.kdv:
+            return bilinear_conv_gather(deposit, lower, frac, kernel, self.field_size)
+        field = causal_fft_conv(bilinear_scatter_rows(deposit, lower, frac, self.field_size), kernel[:, None, :])
+        slope = F.pad(field[..., 1:] - field[..., :-1], (1, 0))                               # δ[0] = 0
+        field = field + self.kdv_alpha.to(field.dtype)[:, None, None] * field * slope
+        return bilinear_gather_rows(field, lower, frac)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lower, frac = self.layout(x.shape[1], x.device)
-        _, k, v = _split_heads(self.qkv, x, self.n_heads)          # q is unused in condA–F (spec §3.A step 1)
+        batch, n, dim = x.shape
+        lower, frac = self.layout(n, x.device)
+        # Channel-major (B, channels, N) throughout, the layout the field transforms run in.  q is unused in condA–F
+        # (spec §3.A step 1), so one GEMM projects the k and v rows of qkv together with the gate.
+        weight = torch.cat([self.qkv.weight[dim:], self.gate_proj.weight])
+        bias = torch.cat([self.qkv.bias[dim:], self.gate_proj.bias])
+        k, v, gate = _linear_by_channel(x, weight, bias).split(dim, dim=1)
+        k, v = (t.view(batch, self.n_heads, dim // self.n_heads, n) for t in (k, v))        # (B, H, C, N)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            deposit = v.to(_compute_dtype(x)) * k.to(_compute_dtype(x)).norm(dim=-1, keepdim=True)
-            field = self.propagate(bilinear_scatter(deposit, lower, frac, self.field_size))
-            gathered = bilinear_gather(field, lower, frac)
-        gate = torch.sigmoid(self.gate_proj(x))
-        return self.out_proj(_merge_heads(gathered).to(gate.dtype) * gate)
+            dtype = _compute_dtype(x)
+            deposit = v.to(dtype) * _channel_norm(k.to(dtype))
+            read = self.read_field(deposit, lower, frac)
+            # Head coupling (step 6) after the gather: both are linear and the gather is the same for every head,
+            # so they commute, and the mix runs over N tokens instead of G = 2N cells.
+            coupling = self.field_coupling.softmax(-1).to(dtype)
+            mixed = torch.einsum("hg,bgm->bhm", coupling, read.flatten(2)).reshape(batch, dim, n)
+        gate = torch.sigmoid(gate)
+        return self.out_proj((mixed.to(gate.dtype) * gate).transpose(1, 2))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -392,23 +572,29 @@ def dwarf_field_reference(module: DwarfFieldAttention, x: torch.Tensor) -> torch
 # ---------------------------------------------------------------------------------------------------------------
 # Dyadic family, condG–P (spec §3.G–P)
 
+def _one_hot(rows: list[int], columns: list[int], device: torch.device) -> torch.Tensor:
+    # (len(rows), len(columns)) fp64 matrix, 1 where rows[r] == columns[c]: a gather / scatter-sum as a GEMM, whose
+    # backward is a GEMM as well (an index along the last axis backs up through a slow scatter).
+    return torch.tensor([[float(row == column) for column in columns] for row in rows], dtype=torch.float64,
+                        device=device)
+
+
 class _TapPlan(NamedTuple):
     """Everything a forward at length N needs about the tap slots, built once per (N, device)."""
     offsets: list[int]             # the distinct slot offsets < N, ascending (the rows actually read)
-    shift_index: torch.Tensor      # (N, U) row index for :func:`shifted_rows`
-    slot_column: torch.Tensor      # (T,) column of each slot among ``offsets``; U for slots at offsets ≥ N
-    include: torch.Tensor          # (N or 1, T) bool: slot takes part in the weights / normaliser (oob_mode)
-    slot_scale: torch.Tensor       # (T,) scale j of each D4 slot
-    slot_coefficient: torch.Tensor  # (T,) D4 coefficient of each slot in the condition's tap order (fp64)
+    slot_reads: torch.Tensor | None  # (U, T) 0/1: slot t reads offset column u (none for offsets ≥ N); None when
+                                     # slot t reads column t for every t
+    include: torch.Tensor          # (N or 1, 1, T) bool: slot takes part in the weights / normaliser (oob_mode)
+    slot_gain: torch.Tensor        # (11, T) fp64: D4 coefficient h'_t in the row of slot t's scale j; 0 for slots
+                                   # oob_mode=skip drops (offset ≥ N)
     skip_offsets: list[int]        # condH long skips < N
-    skip_index: torch.Tensor | None  # (N, S') shift index of the skips, or None
     skip_select: torch.Tensor      # (S',) which skip weights are in range
 
 
 class DwarfDyadicAttention(nn.Module):
     """Dyadic-offset attention of DWARF condG–P (spec dwarf.md §3.G–P): (B, N, D) -> (B, N, D), causal.
 
-    Output i reads inputs i − o for the slot offsets o of ``tap_set`` only: memory O(N·taps·d), no N² term and no
+    Output i reads inputs i − o for the slot offsets o of ``tap_set`` only: memory O(N·(taps + d)), no N² term and no
     length limit (``seq_len`` is accepted for the shell contract and unused).
 
     Options (keyword-only; defaults = condN, spec §3.N):
@@ -549,7 +735,6 @@ class DwarfDyadicAttention(nn.Module):
             if len(self._plans) >= PLAN_CACHE_SIZE:               # bounded: decoding visits every length
                 self._plans.pop(next(iter(self._plans)))
             offsets = [offset for offset in self.unique_offsets if offset < n]
-            column = {offset: index for index, offset in enumerate(offsets)}
             slot_offsets = torch.tensor(self.slot_offsets, device=device)
             if self.oob_mode == "skip":
                 include = (slot_offsets < n)[None, :]
@@ -557,73 +742,71 @@ class DwarfDyadicAttention(nn.Module):
                 include = torch.ones(1, len(self.slot_offsets), dtype=torch.bool, device=device)
             else:
                 include = torch.arange(n, device=device)[:, None] >= slot_offsets[None, :]
+            gain = _one_hot(list(range(DYADIC_SCALES)), self.slot_scales, device) * torch.tensor(
+                self.slot_coefficients, dtype=torch.float64, device=device)
             skips = [offset for offset in self.long_skips if offset < n]
             self._plans[key] = _TapPlan(
                 offsets=offsets,
-                shift_index=_shift_index(n, offsets, device),
-                slot_column=torch.tensor([column.get(offset, len(offsets)) for offset in self.slot_offsets],
-                                         device=device),
-                include=include,
-                slot_scale=torch.tensor([max(scale, 0) for scale in self.slot_scales], device=device),
-                slot_coefficient=torch.tensor(self.slot_coefficients, dtype=torch.float64, device=device),
+                slot_reads=None if offsets == self.slot_offsets else _one_hot(offsets, self.slot_offsets, device),
+                include=include[:, None, :],
+                slot_gain=gain * include[0] if self.oob_mode == "skip" else gain,
                 skip_offsets=skips,
-                skip_index=_shift_index(n, skips, device) if skips else None,
                 skip_select=torch.tensor([i for i, offset in enumerate(self.long_skips) if offset < n],
                                          dtype=torch.long, device=device),
             )
         return self._plans[key]
 
     def _gains(self, q: torch.Tensor) -> torch.Tensor:
-        # Scale weights g (B or 1, H, N or 1, 11), softmax over the scales j (spec §3.G step 2, §3.I).
+        # Scale weights g (B or 1, N or 1, H, 11), softmax over the scales j (spec §3.G step 2, §3.I).
         dtype = _compute_dtype(q)
-        prior = self.scale_gain.t().to(dtype)[None, :, None, :]
+        prior = self.scale_gain.t().to(dtype)[None, None]
         if self.scale_gains == "static":
             return prior.softmax(-1)
         return (self.q_scale_proj(q).to(dtype) + prior).softmax(-1)
 
     def _slot_weights(self, q: torch.Tensor, k: torch.Tensor, plan: _TapPlan
                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        # Per-slot weights (B or 1, H, N or 1, T), the normaliser Z (qk_elu) and the offset-0 score (bypass).
+        # Per-slot weights (B or 1, N or 1, H, T), the normaliser Z (qk_elu) and the offset-0 score (bypass).
         # Slot t at position i multiplies the value row i − o_t; zero-filled rows (i < o_t) add nothing to the
         # numerator but enter Z / the softmax as ``oob_mode`` says.
         dtype = _compute_dtype(q)
         qk = qk_slot = None
         if self.gather != "deposit":
-            keys = shifted_rows(k, plan.offsets, plan.shift_index)               # (B, H, N, U, C)
-            qk = (q.unsqueeze(-2) @ keys.transpose(-1, -2)).squeeze(-2).to(dtype)  # (B, H, N, U)
-            qk_slot = F.pad(qk, (0, 1))[..., plan.slot_column]                   # (B, H, N, T)
+            qk = qk_slot = shifted_dot(q, k, plan.offsets).to(dtype)             # (B, N, H, U)
+            if plan.slot_reads is not None:
+                qk_slot = qk @ plan.slot_reads.to(dtype)                          # (B, N, H, T), 0 beyond N
             if self.pos_bias_init != "none":
-                bias = self.pos_bias.t().to(dtype)[None, :, None, :]
+                bias = self.pos_bias.t().to(dtype)[None, None]
                 qk_slot = qk_slot * self.head_dim ** -0.5 + bias if self.gather == "softmax" else qk_slot + bias
         if self.gather == "softmax":
             logits = qk_slot.masked_fill(~plan.include, float("-inf"))
             return logits.softmax(-1), None, None
-        gains = self._gains(q)[..., plan.slot_scale]                             # (., H, ., T)
-        coefficient = plan.slot_coefficient.to(dtype)
-        weights = gains * coefficient * plan.include
+        gains = self._gains(q)                                                   # (., ., H, 11)
+        gain = plan.slot_gain.to(dtype)
+        weights = gains @ gain                                                   # g_{i,j(t)}·h'_t, (., ., H, T)
+        if self.gather == "deposit":
+            return weights * plan.include if self.oob_mode == "mask" else weights, None, None
+        feature = qk_slot if self.gather == "qk_linear" else F.elu(qk_slot) + 1.0
+        if self.oob_mode == "mask":
+            feature = feature * plan.include
         normaliser = None
-        if self.gather == "qk_linear":
-            weights = weights * qk_slot
-        elif self.gather == "qk_elu":
-            feature = F.elu(qk_slot) + 1.0
-            weights = weights * feature
-            normaliser = (gains * coefficient.abs() * plan.include * feature).sum(-1, keepdim=True)
-        return weights, normaliser, None if qk is None else qk[..., :1]
+        if self.gather == "qk_elu":                                              # Z = Σ_t g·|h'_t|·φ_t
+            normaliser = torch.linalg.vecdot(gains @ gain.abs(), feature).unsqueeze(-1)
+        return weights * feature, normaliser, qk[..., :1]
 
-    def _offset_weights(self, q: torch.Tensor, k: torch.Tensor, plan: _TapPlan
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # Weights per read offset (B or 1, H, N or 1, U) incl. the bypass, and the normaliser Z (or None).
+    def _offset_weights(self, q: torch.Tensor, k: torch.Tensor, plan: _TapPlan) -> torch.Tensor:
+        # Weight of each read offset (B or 1, N or 1, H, U): duplicate slots summed, the bypass added at offset 0
+        # and, for qk_elu, divided by Z + 1e-6 (dividing the U weights, not the mixed C channels: the same sum).
         weights, normaliser, self_score = self._slot_weights(q, k, plan)
         columns = len(plan.offsets)
-        summed = weights.new_zeros(*weights.shape[:-1], columns + 1)
-        per_offset = summed.index_add(-1, plan.slot_column, weights)[..., :columns]
+        per_offset = weights if plan.slot_reads is None else weights @ plan.slot_reads.t().to(weights.dtype)
         if hasattr(self, "identity_bypass"):
             feature = self_score if self.gather == "qk_linear" else F.elu(self_score) + 1.0
-            bypass = F.softplus(self.identity_bypass).to(feature.dtype)[None, :, None, None] * feature
+            bypass = F.softplus(self.identity_bypass).to(feature.dtype)[None, None, :, None] * feature
             per_offset = per_offset + F.pad(bypass, (0, columns - 1))          # offset 0 is column 0
             if normaliser is not None:
                 normaliser = normaliser + bypass
-        return per_offset, normaliser
+        return per_offset if normaliser is None else per_offset / (normaliser + NORMALISER_EPS)
 
     def tap_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Slot weights (B or 1, H, N or 1, T) for input x, in slot order, and the normaliser Z (qk_elu; else None).
@@ -631,39 +814,33 @@ class DwarfDyadicAttention(nn.Module):
         Softmax gathers: the attention probabilities (rows sum to 1). D4 gathers: g·h'·feature before division by
         Z, without the identity bypass. For analysis and the spec §7 invariants.
         """
-        q, k, _ = _split_heads(self.qkv, x, self.n_heads)
+        q, k, _ = _split_heads_by_token(self.qkv, x, self.n_heads)
         weights, normaliser, _ = self._slot_weights(q, k, self._plan(x.shape[1], x.device))
-        return weights, normaliser
+        return weights.transpose(1, 2), None if normaliser is None else normaliser.transpose(1, 2)
 
     def offset_weights(self, x: torch.Tensor) -> tuple[list[int], torch.Tensor]:
         """Effective weight of each read offset, (offsets, (B or 1, H, N or 1, U)): duplicate slots summed, the
         bypass added at offset 0 and, for qk_elu, divided by Z + 1e-6. The weight output i gives row i − offset
         before the long skips, the head coupling and the gate."""
-        q, k, _ = _split_heads(self.qkv, x, self.n_heads)
+        q, k, _ = _split_heads_by_token(self.qkv, x, self.n_heads)
         plan = self._plan(x.shape[1], x.device)
-        weights, normaliser = self._offset_weights(q, k, plan)
-        if normaliser is not None:
-            weights = weights / (normaliser + NORMALISER_EPS)
-        return plan.offsets, weights
+        return plan.offsets, self._offset_weights(q, k, plan).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = self._plan(x.shape[1], x.device)
-        q, k, v = _split_heads(self.qkv, x, self.n_heads)
+        batch, n, dim = x.shape
+        plan = self._plan(n, x.device)
+        q, k, v = _split_heads_by_token(self.qkv, x, self.n_heads)                # (B, N, H, C) each
         values = v * k.norm(dim=-1, keepdim=True) if self.gather == "deposit" else v
-        weights, normaliser = self._offset_weights(q, k, plan)
-        rows = shifted_rows(values, plan.offsets, plan.shift_index)           # (B, H, N, U, C)
-        mixed = (weights.to(rows.dtype).unsqueeze(-2) @ rows).squeeze(-2)     # (B, H, N, C)
-        if normaliser is not None:
-            mixed = mixed / (normaliser + NORMALISER_EPS)
+        weights = self._offset_weights(q, k, plan)
+        mixed = shifted_sum(weights.expand(*values.shape[:-1], -1), values, plan.offsets)
         if plan.skip_offsets:
             skip_weight = torch.sigmoid(self.long_skip_weight[plan.skip_select]).to(mixed.dtype)
-            skipped = shifted_rows(mixed, plan.skip_offsets, plan.skip_index)  # (B, H, N, S', C)
-            mixed = mixed + (skip_weight[:, None] * skipped).sum(-2)
+            mixed = mixed + shifted_sum(skip_weight.expand(*mixed.shape[:-1], -1), mixed, plan.skip_offsets)
         if hasattr(self, "field_coupling"):
-            mixed = torch.einsum("hg,bgnc->bhnc", self.field_coupling.softmax(-1).to(mixed.dtype), mixed)
-        gate_input = _merge_heads(q) if self.gate_source == "query" else x
+            mixed = torch.einsum("hg,bngc->bnhc", self.field_coupling.softmax(-1).to(mixed.dtype), mixed)
+        gate_input = q.reshape(batch, n, dim) if self.gate_source == "query" else x
         gate = torch.sigmoid(self.gate_proj(gate_input))
-        return self.out_proj(_merge_heads(mixed).to(gate.dtype) * gate)
+        return self.out_proj(mixed.reshape(batch, n, dim).to(gate.dtype) * gate)
 
 
 def dwarf_dyadic_reference(module: DwarfDyadicAttention, x: torch.Tensor) -> torch.Tensor:

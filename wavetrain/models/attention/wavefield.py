@@ -2,7 +2,7 @@
 
 Spec wavefield.md §2 (reference 09b58e5:src/wave_field_attention.py).  Per layer and head h:
 
-    u_i = ‖k_i‖₂ · v_i                                  (deposit; q is computed but never used)
+    u_i = ‖k_i‖₂ · v_i                                  (deposit; q has no consumer and is not computed)
     Φ = bilinear scatter of u at field coordinate i·s    (s = (G−1)/(M−1) cells per token, absolute)
     Ψ_h = k̂_h ∗ Φ_h, k̂_h(t) ∝ e^{−softplus(a_h) t} cos(ω_h t + φ_h), ‖k̂_h‖₁ = 1   (causal linear FFT conv)
     Ψ' = P Ψ with P = row-softmax(C)                    (static cross-head coupling)
@@ -102,13 +102,24 @@ class WaveFieldAttention(nn.Module):
     def propagate(self, field: torch.Tensor) -> torch.Tensor:
         """Causal wave propagation then head coupling of a field (B, H, G, C) -> (B, H, G, C) (spec §2.2 steps 4–6).
 
-        One kernel spectrum per forward, broadcast over batch and channels (``causal_fft_conv`` pads to ≥ 2G, so the
-        convolution is linear, not circular).
+        One kernel spectrum per forward, broadcast over batch and channels, no loop over heads (``causal_fft_conv``
+        pads to ≥ 2G, so the convolution is linear, not circular).
         """
         dtype = field.dtype
         kernel = self.kernels().to(dtype)[:, None, :]  # (H, 1, G) against the field's (B, H, C, G)
         propagated = causal_fft_conv(field.transpose(-1, -2), kernel)
         return torch.einsum("hk,bkcg->bhgc", self.coupling().to(dtype), propagated)
+
+    def _key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k and v chunks of [q | k | v] = x·W_qkvᵀ + b_qkv, each (B, N, H, d_h) (spec §2.2 step 1).
+
+        q has no consumer in V3.5, so only the k and v rows of the fused weight are multiplied: the slice keeps the
+        parameter and its state_dict entry as they are, and the q rows still receive an exactly zero gradient.
+        """
+        batch, n_tokens, _ = x.shape
+        kv = F.linear(x, self.qkv_proj.weight[self.dim:], self.qkv_proj.bias[self.dim:])
+        key, value = kv.view(batch, n_tokens, 2, self.n_heads, self.head_dim).unbind(2)
+        return key, value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, n_tokens, _ = x.shape
@@ -116,18 +127,16 @@ class WaveFieldAttention(nn.Module):
             raise ValueError(f"WaveFieldAttention got {n_tokens} tokens but was built for seq_len={self.seq_len}: "
                              f"longer inputs would fold onto the last field cells and read the future "
                              f"(spec wavefield.md §7.1.5); raise seq_len")
-        heads, head_dim = self.n_heads, self.head_dim
-        # [q | k | v] chunks, each head-major (spec §2.2 step 1); q has no consumer in V3.5.
-        _, key, value = self.qkv_proj(x).view(batch, n_tokens, 3, heads, head_dim).transpose(1, 3).unbind(2)
+        key, value = self._key_value(x)
         dtype = _field_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            key, value = key.to(dtype), value.to(dtype)  # (B, H, N, d_h)
-            deposit = torch.linalg.vector_norm(key, dim=-1, keepdim=True) * value
+            key, value = key.to(dtype), value.to(dtype)
+            deposit = torch.linalg.vector_norm(key, dim=-1, keepdim=True) * value  # (B, N, H, d_h)
             lower, frac = bilinear_positions(n_tokens, self.field_stride, self.field_size, device=x.device)
-            field = bilinear_scatter(deposit, lower, frac, self.field_size)
+            field = bilinear_scatter(deposit.transpose(1, 2), lower, frac, self.field_size)
             read = bilinear_gather(self.propagate(field), lower, frac)  # (B, H, N, d_h)
-        gate = torch.sigmoid(self.gate_proj(x)).view(batch, n_tokens, heads, head_dim).transpose(1, 2)
-        mixed = (gate * read).transpose(1, 2).reshape(batch, n_tokens, self.dim)
+        gate = torch.sigmoid(self.gate_proj(x)).view(batch, n_tokens, self.n_heads, self.head_dim)
+        mixed = (gate * read.transpose(1, 2)).reshape(batch, n_tokens, self.dim)
         return self.out_proj(mixed.to(x.dtype))
 
     def extra_repr(self) -> str:

@@ -15,7 +15,8 @@ Causality (§2.8, §7.1) is selected by ``gate_pooling``:
   O(N²) time and memory by construction.
 * ``prefix_mixdens`` (strictly causal, DIFFERENT SEMANTICS): the FFT-friendly approximation
   D_t(d) ≈ g(d)·Σ_m w̃_{t,m} ρ(M_m(d)), a mixture of densities instead of the density of the mixture.  Each of
-  the M per-mask densities is applied by one FFT convolution and the M results are mixed per position:
+  the M per-mask densities is applied by one FFT convolution and the M results are mixed per position
+  (:func:`mask_mixture_conv`; the weights depend on t, so the mixture cannot move into the frequency domain):
   O(M·N log N) time, O(M·N·h_d) memory.  For ``density=raw`` (ρ linear) it coincides with ``prefix``.
 * ``full`` — LEAKY, NOT CAUSAL, FOR REPRODUCTION ONLY: the reference pools over the WHOLE sequence, future tokens
   included, so the kernel used at position t depends on tokens t+1…N-1.  Every published WDA perplexity was
@@ -47,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wavetrain.models.field_ops import causal_fft_conv
+from wavetrain.models.field_ops import causal_fft_conv, fft_conv_length
 
 GATE_POOLINGS = ("prefix", "prefix_mixdens", "full")
 DENSITIES = ("sigmoid", "raw", "sampling")
@@ -57,6 +58,8 @@ NORMALISER_EPS = 1e-8  # added to the convolved key signal (§2.5) and to the ga
 CONTENT_EPS = 1e-6  # added to the linear-attention denominator (§2.6)
 CONTENT_CHUNK = 64  # chunk length of the content path's prefix sum (§2.6)
 SAMPLE_CHUNK_ELEMENTS = 1 << 25  # bounds the (kernel × samples) temporary of the stochastic threshold
+MIXTURE_BLOCK_ELEMENTS = 1 << 18  # spectrum entries per block of the prefix_mixdens mixture (cache-sized)
+RENDER_CHUNK_ELEMENTS = 1 << 20  # (wave × lag) entries per chunk of the mask rendering (cache-sized)
 
 
 def triangle_wave(phase: torch.Tensor) -> torch.Tensor:
@@ -82,6 +85,66 @@ def distance_window(lags: torch.Tensor, seq_len: int, sigma_frac: float) -> torc
         return torch.ones_like(lags)
     sigma = sigma_frac * seq_len
     return torch.exp(-(lags**2) / (2 * sigma**2))
+
+
+def _wave(turns: torch.Tensor, sin_waves: bool) -> torch.Tensor:
+    """φ at phases τ given in turns (spec §2.2): sin(2πτ), or the triangle wave as 4·|ρ − round(ρ)| − 1 of
+    ρ = τ − ¼ (the caller folds the −¼ into τ).  With u = frac(ρ), |u − ½| = ½ − |ρ − round(ρ)|, so this is
+    :func:`triangle_wave`'s 2·(1 − 2|u − ½|) − 1 at 2πτ."""
+    if sin_waves:
+        return torch.sin(2 * math.pi * turns)
+    return (turns - torch.round(turns)).abs_().mul_(4.0).sub_(1.0)
+
+
+def _wave_slope(turns: torch.Tensor, sin_waves: bool) -> torch.Tensor:
+    """dφ/dτ of :func:`_wave`: 2π·cos(2πτ), or 4·sign(ρ − round(ρ)) for the triangle wave."""
+    if sin_waves:
+        return 2 * math.pi * torch.cos(2 * math.pi * turns)
+    return (turns - torch.round(turns)).sign_().mul_(4.0)
+
+
+class _WaveBank(torch.autograd.Function):
+    """Masks M[h, m, l] = Σ_w a[h, m, w]·φ(τ[h, m, w, l]) with τ = ⟨coefficients[h, m, w], basis[l]⟩ (spec §2.2).
+
+    The (H, M, W, L) waves are never materialised: the lag axis is visited in chunks of RENDER_CHUNK_ELEMENTS
+    entries, in the forward pass and again in the backward pass, which recomputes the waves of each chunk instead
+    of saving them: ∂L/∂a = Σ_l g·φ(τ) and ∂L/∂coefficients = Σ_l (a·g·φ'(τ))·basis[l]."""
+
+    @staticmethod
+    def forward(ctx, coefficients: torch.Tensor, amps: torch.Tensor, basis: torch.Tensor,
+                sin_waves: bool) -> torch.Tensor:
+        heads, masks, waves, _ = coefficients.shape
+        out = amps.new_empty(heads * masks, 1, basis.shape[0])
+        for lags in _lag_chunks(basis.shape[0], amps.numel()):
+            turns = coefficients.reshape(-1, basis.shape[1]) @ basis[lags].T  # (H·M·W, lags)
+            out[..., lags] = amps.reshape(-1, 1, waves) @ _wave(turns, sin_waves).view(heads * masks, waves, -1)
+        ctx.save_for_backward(coefficients, amps, basis)
+        ctx.sin_waves = sin_waves
+        return out.view(heads, masks, -1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        coefficients, amps, basis = ctx.saved_tensors
+        heads, masks, waves, _ = coefficients.shape
+        grad_out = grad_out.reshape(heads * masks, 1, -1)
+        grad_coefficients = torch.zeros_like(coefficients).view(-1, basis.shape[1])
+        grad_amps = torch.zeros_like(amps).view(heads * masks, 1, waves)
+        for lags in _lag_chunks(basis.shape[0], amps.numel()):
+            turns = coefficients.reshape(-1, basis.shape[1]) @ basis[lags].T
+            grad_chunk = grad_out[..., lags]  # (H·M, 1, lags)
+            wave = _wave(turns, ctx.sin_waves).view(heads * masks, waves, -1)
+            grad_amps.baddbmm_(grad_chunk, wave.transpose(1, 2))
+            slope = _wave_slope(turns, ctx.sin_waves).view(heads * masks, waves, -1)
+            grad_turns = slope * amps.reshape(-1, waves, 1) * grad_chunk
+            grad_coefficients.addmm_(grad_turns.view(-1, grad_turns.shape[-1]), basis[lags])
+        return grad_coefficients.view_as(coefficients), grad_amps.view_as(amps), None, None
+
+
+def _lag_chunks(length: int, waves: int) -> list[slice]:
+    """Lag slices of at most RENDER_CHUNK_ELEMENTS (wave × lag) entries (at least one lag) for :class:`_WaveBank`."""
+    step = max(1, RENDER_CHUNK_ELEMENTS // max(1, waves))
+    return [slice(start, min(start + step, length)) for start in range(0, length, step)]
 
 
 def straight_through_topk(logits: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
@@ -154,6 +217,97 @@ def causal_linear_attention(query_features: torch.Tensor, key_features: torch.Te
     denominator = torch.einsum("bhcir,bhcr->bhci", q, k_before) + scores.sum(-1)
     out = numerator / (denominator.unsqueeze(-1) + CONTENT_EPS)
     return out.flatten(2, 3)[:, :, :length]
+
+
+def _even_slices(total: int, most: int) -> list[slice]:
+    """``total`` indices cut into equal slices of at most ``most`` (at least 1) each."""
+    count = -(-total // max(1, min(total, most)))
+    step = -(-total // count)
+    return [slice(start, min(start + step, total)) for start in range(0, total, step)]
+
+
+def _mixture_blocks(heads: int, channels: int, masks: int, entries: int) -> list[tuple[int, slice, slice]]:
+    """(head, channel slice, mask slice) blocks of :class:`_MaskMixtureConv`, each holding at most
+    MIXTURE_BLOCK_ELEMENTS spectrum entries (``entries`` per channel and mask), masks innermost: the per-(head,
+    channel group) operands and accumulators then stay in cache while the masks stream past them.  Small problems
+    take whole heads per block, long sequences a few channels of one mask."""
+    per_block = max(1, MIXTURE_BLOCK_ELEMENTS // max(1, entries))
+    channel_slices = _even_slices(channels, per_block)
+    mask_slices = _even_slices(masks, per_block // channels if len(channel_slices) == 1 else 1)
+    return [(h, c, m) for h in range(heads) for c in channel_slices for m in mask_slices]
+
+
+class _MaskMixtureConv(torch.autograd.Function):
+    """Per-position mixture of per-mask causal convolutions (the ``prefix_mixdens`` context, spec wda.md §2.8):
+
+        out[b, h, c, t] = Σ_m w[b, h, m, t] · Σ_{s≤t} k[b, h, m, t − s] · z[b, h, c, s]
+
+    for signal z (B, H, C, N), per-mask kernels k (B or 1, H, M, N) and weights w (B, H, M, N).  The weights vary
+    with the output position t, so the sum over masks cannot move into the frequency domain: every (mask, channel)
+    pair takes its own inverse FFT.  The spectra of z and k are computed once (rfft at n = fft_conv_length(N) ≥ 2N,
+    so the circular convolution equals the linear one on [0, N)); the products, inverse FFTs and the weighted sum
+    then run block by block (:func:`_mixture_blocks`), so no (B, H, M, C, N)-sized temporary exists besides the
+    per-mask convolutions y kept for the backward pass.
+
+    Backward (g = ∂L/∂out): ∂L/∂w[m, t] = Σ_c g[c, t]·y_m[c, t]; with p_m = w_m ⊙ g, ∂L/∂z = Σ_m corr(k_m, p_m)
+    and ∂L/∂k_m = Σ_c corr(z_c, p_{m,c}), the causal cross-correlations irfft(P·conj(K))[:N] and
+    irfft(P·conj(Z))[:N] (negative lags land in the zero padding), each summed in the frequency domain before its
+    single inverse transform.
+    """
+
+    @staticmethod
+    def forward(ctx, signal: torch.Tensor, kernels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        batch, heads, channels, length = signal.shape
+        n_fft = fft_conv_length(length)
+        signal_f = torch.fft.rfft(signal, n=n_fft)  # (B, H, C, F)
+        kernel_f = torch.fft.rfft(kernels, n=n_fft)  # (B|1, H, M, F)
+        per_mask = signal.new_empty(batch, heads, kernels.shape[2], channels, length)
+        out = signal.new_zeros(signal.shape)
+        for h, chans, masks in _mixture_blocks(heads, channels, kernels.shape[2], batch * signal_f.shape[-1]):
+            spectra = kernel_f[:, h, masks, None] * signal_f[:, h, None, chans]  # (B, m, c, F)
+            convolved = torch.fft.irfft(spectra, n=n_fft)[..., :length]  # y_m = k_m ∗ z
+            per_mask[:, h, masks, chans] = convolved
+            out[:, h, chans] += torch.einsum("bmn,bmcn->bcn", weights[:, h, masks], convolved)
+        ctx.save_for_backward(signal_f, kernel_f, weights, per_mask)
+        ctx.n_fft, ctx.kernel_batch = n_fft, kernels.shape[0]
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        signal_f, kernel_f, weights, per_mask = ctx.saved_tensors
+        batch, heads, channels, length = grad_out.shape
+        need_signal, need_kernels, need_weights = ctx.needs_input_grad
+        signal_conj, kernel_conj = signal_f.conj().resolve_conj(), kernel_f.conj().resolve_conj()
+        grad_signal_f = torch.zeros_like(signal_f) if need_signal else None
+        grad_kernel_f = torch.zeros_like(kernel_f) if need_kernels else None
+        grad_weights = torch.zeros_like(weights) if need_weights else None
+        for h, chans, masks in _mixture_blocks(heads, channels, weights.shape[2], batch * signal_f.shape[-1]):
+            grad_block = grad_out[:, h, None, chans]  # (B, 1, c, N)
+            if need_weights:  # Σ_c g_c·y_{m,c}
+                grad_weights[:, h, masks] += (grad_block * per_mask[:, h, masks, chans]).sum(2)
+            if not (need_signal or need_kernels):
+                continue
+            weighted_f = torch.fft.rfft(weights[:, h, masks, None] * grad_block, n=ctx.n_fft)  # P_m, (B, m, c, F)
+            if need_signal:  # Σ_m P_m·conj(K_m)
+                grad_signal_f[:, h, chans] += (weighted_f * kernel_conj[:, h, masks, None]).sum(1)
+            if need_kernels:  # Σ_c P_{m,c}·conj(Z_c)
+                products = (weighted_f * signal_conj[:, h, None, chans]).sum(2)  # (B, m, F)
+                grad_kernel_f[:, h, masks] += products.sum(0, keepdim=True) if ctx.kernel_batch == 1 else products
+        grad_signal = torch.fft.irfft(grad_signal_f, n=ctx.n_fft)[..., :length] if need_signal else None
+        grad_kernels = torch.fft.irfft(grad_kernel_f, n=ctx.n_fft)[..., :length] if need_kernels else None
+        return grad_signal, grad_kernels, grad_weights
+
+
+def mask_mixture_conv(signal: torch.Tensor, kernels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out[b, h, c, t] = Σ_m w[b, h, m, t]·Σ_{s≤t} k[b, h, m, t − s]·z[b, h, c, s] (spec §2.8, prefix_mixdens).
+
+    signal (B, H, C, N), kernels (B or 1, H, M, N), weights (B, H, M, N); computed in float32 (float64 if the
+    signal is float64) with autocast off, returned in the signal dtype.  See :class:`_MaskMixtureConv`."""
+    dtype = torch.float64 if signal.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=signal.device.type, enabled=False):
+        out = _MaskMixtureConv.apply(*(t.to(dtype).contiguous() for t in (signal, kernels, weights)))
+    return out.to(signal.dtype)
 
 
 def _reverse_lags(lagged: torch.Tensor) -> torch.Tensor:
@@ -308,14 +462,17 @@ class WaveDensityAttention(nn.Module):
     def render_masks(self, length: int | None = None) -> torch.Tensor:
         """M_m(d) = Σ_w a·φ(2π⟨f, p(d)⟩ + θ) for every head and mask, d = 0 … length−1 (default S_max):
         (H, M, L).  Always from the live parameters, in float32 (float64 for a float64 module), autocast off
-        (§2.2)."""
+        (§2.2).
+
+        The phase is taken in turns, τ = ⟨f, p(d)⟩ + θ/(2π) = ⟨(f, θ/(2π)), (p_1, p_2, 1)⟩ (less ¼ for the
+        triangle wave, see :func:`_wave`); :class:`_WaveBank` sums the waves in cache-sized lag chunks."""
         dtype = self._render_dtype()
         with torch.autocast(device_type=self.freqs.device.type, enabled=False):
-            positions = offset_encoding(self._lags(self.seq_len if length is None else length, dtype), self.seq_len)
-            phase = 2 * math.pi * torch.einsum("hmwc,lc->hmwl", self.freqs.to(dtype), positions)
-            phase = phase + self.phases.to(dtype).unsqueeze(-1)
-            waves = torch.sin(phase) if self.use_sin_waves else triangle_wave(phase)
-            return (self.amps.to(dtype).unsqueeze(-1) * waves).sum(dim=2)
+            lags = self._lags(self.seq_len if length is None else length, dtype)
+            basis = torch.cat([offset_encoding(lags, self.seq_len), torch.ones_like(lags)[:, None]], dim=-1)
+            offset = self.phases.to(dtype) / (2 * math.pi) - (0.0 if self.use_sin_waves else 0.25)
+            coefficients = torch.cat([self.freqs.to(dtype), offset.unsqueeze(-1)], dim=-1)  # (H, M, W, 3)
+            return _WaveBank.apply(coefficients, self.amps.to(dtype), basis, self.use_sin_waves)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         """Gating input: (B, N, D) prefix means (prefix modes) or (B, 1, D) whole-sequence mean (full, LEAKY)."""
@@ -329,10 +486,18 @@ class WaveDensityAttention(nn.Module):
         return pooled.to(x.dtype)
 
     def _headwise_mlp(self, pooled: torch.Tensor, first: nn.Linear, second: nn.Linear) -> torch.Tensor:
-        """Linear(D, G) → ReLU → Linear(G, out) for every head at once: (B, T, D) → (B, T, H, out)."""
-        hidden = torch.relu(first(pooled)).unflatten(-1, (self.n_heads, self.gate_hidden))
-        weight = second.weight.unflatten(0, (self.n_heads, -1))  # (H, out, G)
-        return torch.einsum("bthg,hog->btho", hidden, weight) + second.bias.unflatten(0, (self.n_heads, -1))
+        """Linear(D, G) → ReLU → Linear(G, out) for every head at once: (B, T, D) → (B, T, H, out).
+
+        Computed feature-major: the hidden activations W₁·pooledᵀ + b₁ form one (H·G, B·T) product, so the
+        head-wise second layer is a single batched product over heads with no permuted copy of them.  The result
+        is a (B, T, H, out) view of the (H, out, B, T) output, which is time-last as the mixture convolution
+        reads it."""
+        batch, rows, _ = pooled.shape
+        hidden = torch.addmm(first.bias[:, None], first.weight, pooled.reshape(batch * rows, -1).T)
+        hidden = torch.relu_(hidden).view(self.n_heads, self.gate_hidden, batch * rows)
+        weight = second.weight.view(self.n_heads, -1, self.gate_hidden)  # (H, out, G)
+        out = torch.baddbmm(second.bias.view(self.n_heads, -1, 1), weight, hidden)  # (H, out, B·T)
+        return out.view(self.n_heads, -1, batch, rows).permute(2, 3, 0, 1)
 
     def mixture_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Mixture-of-Masks weights w̃ (§2.3): (B, T, H, M) with T = N (prefix modes) or 1 (full), in float32
@@ -421,13 +586,35 @@ class WaveDensityAttention(nn.Module):
             q = torch.einsum("bnhd,hdr->bhnr", x_heads, self.content_wq.to(x.dtype))
             k = torch.einsum("bnhd,hdr->bhnr", x_heads, self.content_wk.to(x.dtype))
         with torch.autocast(device_type=x.device.type, enabled=False):
-            q, k = (F.elu(t.to(values.dtype)) + 1.0 for t in (q, k))
+            # contiguous before φ_c: elementwise ops (and their backward) on transposed views run strided
+            q, k = (F.elu(t.to(values.dtype).contiguous()) + 1.0 for t in (q, k))
             return causal_linear_attention(q, k, values)
 
     def _check_length(self, length: int) -> None:
         if length > self.seq_len:
             raise ValueError(f"input length {length} exceeds the WDA seq_len={self.seq_len} (S_max fixes the offset "
                              f"encoding and window): raise the model seq_len or feed shorter windows")
+
+    def _convolve(self, stacked: torch.Tensor, weights: torch.Tensor, masks: torch.Tensor,
+                  noise: torch.Tensor | None) -> torch.Tensor:
+        """Y_t = Σ_{d≤t} D_t(d)·Z_{t−d} (§2.5, §2.8) for Z (B, N, H, C) → (B, N, H, C), by gate_pooling: the exact
+        lower-triangular matrix per head (prefix), one FFT convolution per row (full) or the per-mask FFT
+        convolutions mixed per position (prefix_mixdens).  The FFT paths run time-last, (B, H, C, N), and hand
+        their result back as one contiguous (B, N, H, C) tensor, the layout of the blending that follows."""
+        length = stacked.shape[1]
+        window = distance_window(self._lags(length, stacked.dtype), self.seq_len, self.window_sigma_frac)
+        if self.gate_pooling == "prefix":
+            reversed_kernels = self._kernel_density(weights, _reverse_lags(masks), _reverse_lags(window),
+                                                    None if noise is None else _reverse_lags(noise))
+            return (_reversed_lags_to_position(reversed_kernels) @ stacked.transpose(1, 2)).transpose(1, 2)
+        time_last = stacked.permute(0, 2, 3, 1)
+        if self.gate_pooling == "full":
+            kernel = self._kernel_density(weights, masks, window, noise)  # (B, H, 1, N)
+            convolved = causal_fft_conv(time_last, kernel)
+        else:
+            per_mask = self._density(masks.unsqueeze(0), noise) * window  # (B|1, H, M, N)
+            convolved = mask_mixture_conv(time_last, per_mask, weights.permute(0, 2, 3, 1))
+        return convolved.permute(0, 3, 1, 2).contiguous()
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -443,27 +630,16 @@ class WaveDensityAttention(nn.Module):
         masks = self.render_masks(length).to(compute)  # (H, M, N)
         noise = self._threshold_noise(batch, length, compute)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            v = values.to(compute).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B,H,N,hd)
-            km = key_gate.to(compute).transpose(1, 2).unsqueeze(-1)  # (B, H, N, 1)
-            stacked = torch.cat([km, km * v], dim=-1)  # Z_t = [km_t, km_t·v_t], (B, H, N, 1 + hd)
-            window = distance_window(self._lags(length, compute), self.seq_len, self.window_sigma_frac)
-            if self.gate_pooling == "prefix":
-                reversed_kernels = self._kernel_density(weights, _reverse_lags(masks), _reverse_lags(window),
-                                                        None if noise is None else _reverse_lags(noise))
-                convolved = _reversed_lags_to_position(reversed_kernels) @ stacked  # Σ_j D_t(t − j)·Z_j
-            elif self.gate_pooling == "full":
-                kernel = self._kernel_density(weights, masks, window, noise)  # (B, H, 1, N)
-                convolved = causal_fft_conv(stacked.transpose(-1, -2), kernel).transpose(-1, -2)
-            else:
-                per_mask = (self._density(masks.unsqueeze(0), noise) * window).unsqueeze(-2)  # (B|1, H, M, 1, N)
-                per_mask_out = causal_fft_conv(stacked.transpose(-1, -2).unsqueeze(2), per_mask)  # (B,H,M,C,N)
-                convolved = torch.einsum("bthm,bhmct->bhtc", weights, per_mask_out)
+            v = values.to(compute).view(batch, length, self.n_heads, self.head_dim)  # (B, N, H, hd)
+            km = key_gate.to(compute).unsqueeze(-1)  # (B, N, H, 1)
+            stacked = torch.cat([km, km * v], dim=-1)  # Z_t = [km_t, km_t·v_t], (B, N, H, 1 + hd)
+            convolved = self._convolve(stacked, weights, masks, noise)
             context = convolved[..., 1:] / (convolved[..., :1] + NORMALISER_EPS)
             if self.content_mix > 0:
-                context = (1.0 - self.content_mix) * context + self.content_mix * self._content_context(x, v)
-            qm = query_gate.to(compute).transpose(1, 2).unsqueeze(-1)
-            mixed = qm * context + (1.0 - qm) * v
-            mixed = mixed.transpose(1, 2).reshape(batch, length, self.dim).to(values.dtype)
+                content = self._content_context(x, v.transpose(1, 2)).transpose(1, 2)
+                context = (1.0 - self.content_mix) * context + self.content_mix * content
+            qm = query_gate.to(compute).unsqueeze(-1)  # (B, N, H, 1)
+            mixed = (qm * context + (1.0 - qm) * v).reshape(batch, length, self.dim).to(values.dtype)
         return self.out_proj(mixed)
 
 
