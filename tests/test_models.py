@@ -86,3 +86,14 @@ def test_build_attention_uses_scale() -> None:
     attn = build_attention(cfg)
     assert attn(torch.randn(1, 20, cfg.scale.d_model)).shape == (1, 20, cfg.scale.d_model)
     assert build_attention(cfg, dim=64)(torch.randn(1, 20, 64)).shape == (1, 20, 64)
+
+
+def test_interference_that_places_no_module_warns() -> None:
+    # condK_rp pools in blocks 2 and 5 (interval 3): a 2-layer model has neither, so the run equals condK.
+    cfg = compose_config(["attention=dwarf_condK_rp", "scale=tiny", "seq_len=32"])
+    with pytest.warns(UserWarning, match="no module in a 2-layer model.*scale.n_layers >= 3"):
+        model = build_model(cfg, vocab_size=40)
+    assert all(block.interference is None for block in model.blocks)
+    placed = build_model(compose_config(["attention=dwarf_condK_rp", "scale=tiny", "scale.n_layers=3",
+                                         "seq_len=32"]), vocab_size=40)
+    assert [block.interference is not None for block in placed.blocks] == [False, False, True]

@@ -10,6 +10,7 @@ The shell never branches on which attention it holds: attention modules come fro
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from hydra.utils import instantiate
@@ -109,8 +110,14 @@ def _build_interference(spec: DictConfig | None, dim: int, n_layers: int) -> tup
         return {}, "after_attention"
     module_spec = {k: v for k, v in OmegaConf.to_container(spec, resolve=True).items()
                    if k not in ("blocks", "interval", "skip_blocks", "site")}
-    modules = {block: instantiate(module_spec, dim=dim, module_idx=k)
-               for k, block in enumerate(interference_blocks(spec, n_layers))}
+    blocks = interference_blocks(spec, n_layers)
+    if not blocks:
+        # e.g. DWARF +RP (interval 3: blocks 2, 5) on a 2-layer model: the run equals the condition without pooling.
+        warnings.warn(f"model.interference places no module in a {n_layers}-layer model (interval "
+                      f"{spec.get('interval')}, blocks {spec.get('blocks')}): this run has no interference pooling; "
+                      f"use scale.n_layers >= {spec.get('interval') or 'the listed block + 1'} or "
+                      f"model.interference.blocks=[...] to place it", stacklevel=2)
+    modules = {block: instantiate(module_spec, dim=dim, module_idx=k) for k, block in enumerate(blocks)}
     return modules, spec.get("site", "after_attention")
 
 
