@@ -92,7 +92,7 @@ def test_wavefield_flops_by_hand() -> None:
     module = WaveFieldAttention(dim=8, n_heads=2, seq_len=3)
     assert module.field_size == 4  # auto: G = seq_len + 1, stride 1 (spec wavefield.md §7)
     flops = attention_flops(module, n_tokens=3)
-    assert flops.projections == 10 * 3 * 8 * 8  # q, k, v, gate, out
+    assert flops.projections == 8 * 3 * 8 * 8  # k, v, gate, out (q is not computed)
     # n_fft = fft_conv_length(4) = 8 (3 stages), 5 bins; channels B·D = 8, kernel channels H = 2
     elementwise = 3 * 24 + 4 * 24 + 3 * 24 + 5 * 24      # deposit, scatter, gather, gate over N·D = 24
     fft = 2.5 * 8 * 3 * 8 + 2.5 * 8 * 3 * 2 + 6 * 5 * 8 + 2.5 * 8 * 3 * 8
@@ -105,8 +105,12 @@ def test_dwarf_field_flops_grow_with_field_not_tokens() -> None:
     module = DwarfFieldAttention(dim=8, n_heads=2, seq_len=64, field_size=256)
     small, large = attention_flops(module, 16), attention_flops(module, 64)
     # the FFT over G = 256 cells dominates: four times the tokens cost far less than four times the mixing
-    assert large.projections == 4 * small.projections
+    assert large.projections == 4 * small.projections == 4 * 8 * 16 * 8 * 8  # k, v, gate, out
     assert small.mixing < large.mixing < 1.2 * small.mixing
+    # the head coupling runs on the gathered tokens, not the cells: 48 more tokens cost 2·H·D·48 of it
+    coupling = 2 * 2 * 8 * (64 - 16)
+    elementwise = (3 + 4 + 3 + 5) * 8 * (64 - 16)
+    assert large.mixing - small.mixing == coupling + elementwise
 
 
 def test_dwarf_dyadic_flops_by_hand() -> None:

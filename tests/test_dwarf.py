@@ -120,6 +120,38 @@ def test_fast_path_equals_reference_fp64_with_gradients(name):
         torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-11, msg=lambda m: f"{label}: {m}")
 
 
+def shifted_rows(b: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+    """Naive stack of shifted rows: (B, N, H, C) -> (B, N, H, U, C), entry u of row i = b_{i − o_u}, zero for i < o_u."""
+    stack = torch.zeros(*b.shape[:3], len(offsets), b.shape[3], dtype=b.dtype)
+    for u, offset in enumerate(offsets):
+        stack[:, offset:, :, u] = b[:, :b.shape[1] - offset]
+    return stack
+
+
+@pytest.mark.parametrize("offsets", [U24, O44, [0, 1, 2, 3, 5, 9, 17, 33], list(range(20)) + [21, 40]],
+                         ids=["U24", "O44_band", "sparse_only", "band_plus_far"])
+@pytest.mark.parametrize("chunks", ["one_chunk", "many_chunks"])
+def test_shifted_products_equal_naive_reads(offsets, chunks, monkeypatch):
+    """shifted_dot / shifted_sum (band windows + chunked sparse gather, spec §3 reads) equal the naive stack of
+    shifted rows in fp64, forward and gradients, whether one chunk or many (offsets past N read zero rows)."""
+    if chunks == "many_chunks":
+        monkeypatch.setattr(dw, "SHIFT_CHUNK_ELEMENTS", 7 * 2 * 3 * 5)
+        monkeypatch.setattr(dw, "GATHER_CHUNK_ELEMENTS", 5 * 2 * 3 * 5 * len(offsets))
+    n = 45
+    offsets = [o for o in offsets if o < n]
+    a, b = randn(2, n, 3, 5, seed=3).requires_grad_(True), randn(2, n, 3, 5, seed=4).requires_grad_(True)
+    weights = randn(2, n, 3, len(offsets), seed=5).requires_grad_(True)
+    cases = [(dw.shifted_dot(a, b, offsets), torch.einsum("bnhc,bnhuc->bnhu", a, shifted_rows(b, offsets)), (a, b)),
+             (dw.shifted_sum(weights, b, offsets), torch.einsum("bnhu,bnhuc->bnhc", weights, shifted_rows(b, offsets)),
+              (weights, b))]
+    for fast, naive, inputs in cases:
+        torch.testing.assert_close(fast, naive, rtol=1e-12, atol=1e-12)
+        probe = randn(*fast.shape, seed=6)
+        for grad_fast, grad_naive in zip(torch.autograd.grad((fast * probe).sum(), inputs),
+                                         torch.autograd.grad((naive * probe).sum(), inputs)):
+            torch.testing.assert_close(grad_fast, grad_naive, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["condA", "condB", "condC", "condD", "condF"])
 def test_field_kernels_match_spec_formula(name):
     module = build(name, seq_len=40)

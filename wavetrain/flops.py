@@ -79,32 +79,37 @@ def dwarf_full_attention_flops(module: DwarfFullAttention, n_tokens: int, batch:
 
 
 # ------------------------------------------------------------------------------------------------ FFT field family
-def _field_mixing_flops(n_tokens: int, batch: int, dim: int, heads: int, field_size: int) -> float:
+def _field_mixing_flops(n_tokens: int, batch: int, dim: int, heads: int, field_size: int,
+                        coupling_rows: int) -> float:
     """Deposit → bilinear scatter → causal FFT convolution over G cells → head coupling → gather → gate
-    (spec wavefield.md §2.2 steps 3–9 and "Cost"; dwarf.md §3.A steps 2–8)."""
+    (spec wavefield.md §2.2 steps 3–9 and "Cost"; dwarf.md §3.A steps 2–8).  The H × H coupling runs on
+    ``coupling_rows`` rows per sequence: the G cells (Wave Field) or, moved after the linear gather, the N tokens
+    (DWARF field)."""
     n = n_tokens * batch
     deposit = 3.0 * n * dim                     # ‖k‖ (d_h mul-adds per head) and the product ‖k‖·v
     scatter = 4.0 * n * dim                     # (1−f)·u and f·u, two accumulating adds
     gather = 3.0 * n * dim                      # two weighted reads and their sum
     gate = (ELEMENTWISE_TRANSCENDENTAL + 1) * n * dim  # σ(W_g x) ⊙ read
     conv = causal_fft_conv_flops(field_size, batch * dim, heads, batch * dim)
-    coupling = 2.0 * batch * heads * dim * field_size  # Ψ'_h = Σ_h' P_hh' Ψ_h' per cell and channel
+    coupling = 2.0 * batch * heads * dim * coupling_rows  # Ψ'_h = Σ_h' P_hh' Ψ_h' per row and channel
     return deposit + scatter + gather + gate + conv + coupling
 
 
 def wavefield_flops(module: WaveFieldAttention, n_tokens: int, batch: int = 1) -> AttentionFlops:
-    """Wave Field V3.5 (spec wavefield.md §2.2 "Cost"): projections 10·N·D² (q, k, v, gate, out); two real FFTs
+    """Wave Field V3.5 (spec wavefield.md §2.2 "Cost"): projections 8·N·D² (k, v, gate, out: q is never read, so
+    the module does not compute it); two real FFTs
     of length fft_conv_length(G) ≥ 2G on D channels, the spectral product 6·D·(bins), the coupling 2·H·D·G, O(N·D)
     scatter/gather and the per-forward kernel (H·G damped cosines, ~8 FLOP per tap, and its FFT)."""
     dim, heads, size = module.dim, module.n_heads, module.field_size
     n = n_tokens * batch
     kernel = (2 * ELEMENTWISE_TRANSCENDENTAL) * heads * size
-    return AttentionFlops(projections=10.0 * n * dim * dim,
-                          mixing=_field_mixing_flops(n_tokens, batch, dim, heads, size) + kernel)
+    return AttentionFlops(projections=8.0 * n * dim * dim,
+                          mixing=_field_mixing_flops(n_tokens, batch, dim, heads, size, size) + kernel)
 
 
 def dwarf_field_flops(module: DwarfFieldAttention, n_tokens: int, batch: int = 1) -> AttentionFlops:
-    """DWARF condA–F (spec dwarf.md §3.A–F): the Wave Field cost with G = ``module.field_size`` (auto: 2·seq_len,
+    """DWARF condA–F (spec dwarf.md §3.A–F): the Wave Field cost (projections 8·N·D², no q; the head coupling on
+    the N gathered rows) with G = ``module.field_size`` (auto: 2·seq_len,
     the published 4096 at seq_len 2048), plus the kernel: damped cosine (~8 FLOP per tap), or gains @ 12-scale basis (2·H·12·G, condC/D);
     condB's dispersion (an rfft and irfft of the H kernels at 2G and a phase rotation); condD's KdV step (3 FLOP per
     field element)."""
@@ -118,8 +123,8 @@ def dwarf_field_flops(module: DwarfFieldAttention, n_tokens: int, batch: int = 1
         kernel += 2 * real_fft_flops(2 * size, heads) + (ELEMENTWISE_TRANSCENDENTAL + SPECTRAL_PRODUCT) * heads * (
             size + 1)
     kdv = 3.0 * batch * dim * size if module.kdv else 0.0
-    return AttentionFlops(projections=10.0 * n * dim * dim,
-                          mixing=_field_mixing_flops(n_tokens, batch, dim, heads, size) + kernel + kdv)
+    return AttentionFlops(projections=8.0 * n * dim * dim,
+                          mixing=_field_mixing_flops(n_tokens, batch, dim, heads, size, n_tokens) + kernel + kdv)
 
 
 # ------------------------------------------------------------------------------------------------ DWARF dyadic

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -34,7 +35,8 @@ D4_TAPS = 4             # τ = 0..3
 FIELD_SCALES = 12       # Morlet / DB4 basis scales of condC/D (spec §3.C: S = log2(4096) = 12)
 FIELD_CELLS_PER_TOKEN = 2   # auto field: G = 2·seq_len, the published 4096 cells at seq_len 2048 (spec §3.A)
 NORMALISER_EPS = 1e-6   # out = num / (Z + 1e-6) (spec §3.K)
-SHIFT_CHUNK_ELEMENTS = 1 << 18  # row elements per token chunk of the shifted-row products (1 MiB in fp32)
+SHIFT_CHUNK_ELEMENTS = 1 << 18  # row elements per token chunk of the band products (1 MiB in fp32)
+GATHER_CHUNK_ELEMENTS = 1 << 20  # gathered elements per token chunk of the sparse-offset reads (4 MiB in fp32)
 MIN_BAND_WIDTH = 16     # a dense offset prefix this wide is read as one band; narrower ones are faster one by one
 PLAN_CACHE_SIZE = 8     # tap plans (index tensors) kept per dyadic module, one per recent sequence length
 
@@ -82,9 +84,12 @@ def d4_warm_start_bias(offsets: list[int]) -> list[float]:
 #
 # Tensors are token-major, rows (B, N, H, C) and per-offset weights (B, N, H, U).  A dense prefix of offsets
 # 0 … band − 1 is read through strided windows of a zero-padded time-major copy (a Tensor.unfold-style view, no copy
-# per offset), one batched matrix product for all of them; the other offsets are read one shifted slice at a time.
-# Both run over token chunks that stay in cache while every offset reads them.  Memory stays O(N·(U + C)) per head:
-# the (B, N, U, C) stack of shifted rows is never formed, and the backward passes are the same three reads.
+# per offset), one batched matrix product for all of them.  The other (sparse) offsets are read by one indexed
+# gather per token chunk: rows i − o_u of a head-major copy, (B, H, R, S, C) for a chunk of R tokens and S offsets,
+# then one batched matrix product; positions outside 0 … N − 1 are clamped and masked to zero.  There is no Python
+# loop over offsets.  Chunks keep each gathered block near GATHER_CHUNK_ELEMENTS (in cache on a CPU), so memory
+# stays O(N·(U + C)) per head: the (B, N, U, C) stack of shifted rows is never formed, and the backward passes are
+# the same three reads.
 
 class _Shifts(NamedTuple):
     """Read offsets split for :func:`shifted_dot` / :func:`shifted_sum`; every offset is < N."""
@@ -151,20 +156,26 @@ class _ShiftedSum(torch.autograd.Function):
         return _dot_behind(grad, b, ctx.shifts), _sum_ahead(weights, grad, ctx.shifts), None
 
 
-def _chunks(x: torch.Tensor) -> list[tuple[int, int]]:
-    # Token ranges of about SHIFT_CHUNK_ELEMENTS row elements: on a CPU each range's rows and results stay in cache
-    # while every offset reads them, so time grows linearly in N instead of streaming whole (B, N, H, C) tensors per
-    # offset.  Other devices take one range: kernel launches, not caches, bound them.
+def _chunks(x: torch.Tensor, elements: int) -> list[tuple[int, int]]:
+    # Token ranges of about `elements` elements of x's rows (the caller scales by what it forms per token): on a CPU
+    # each range's rows and results stay in cache while every offset reads them, so time grows linearly in N
+    # instead of streaming whole (B, N, H, C) tensors per offset.  Other devices take one range: kernel launches,
+    # not caches, bound them.
     batch, n, heads, channels = x.shape
     if x.device.type != "cpu":
         return [(0, n)]
-    step = max(1, SHIFT_CHUNK_ELEMENTS // (batch * heads * channels))
+    step = max(1, elements // (batch * heads * channels))
     return [(start, min(start + step, n)) for start in range(0, n, step)]
 
 
 def _time_major(x: torch.Tensor) -> torch.Tensor:
     # (B, N', H, K) -> (N'·B·H, 1, K), the batch of row vectors the band products multiply.
     return x.transpose(0, 1).reshape(-1, 1, x.shape[-1])
+
+
+def _head_major(x: torch.Tensor) -> torch.Tensor:
+    # (B, N, H, K) -> contiguous (B, H, N, K): a gather along N then yields (B, H, R, S, K) blocks ready for matmul.
+    return x.transpose(1, 2).contiguous()
 
 
 def _padded_rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -184,20 +195,39 @@ def _windows(rows: torch.Tensor, band: int) -> torch.Tensor:
     return rows.as_strided(((length - band + 1) * batch * heads, width, band), (width, 1, step))
 
 
+def _sparse_rows(start: int, stop: int, n: int, offsets: torch.Tensor, ahead: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # Source rows of tokens start … stop − 1 at every sparse offset, (R, S): i − o_u behind or j + o_u ahead, clamped
+    # into 0 … N − 1, with the mask of those that exist (the clamped ones read zero).
+    tokens = torch.arange(start, stop, device=offsets.device)[:, None]
+    rows = tokens + offsets if ahead else tokens - offsets
+    exists = (rows >= 0) & (rows < n)
+    return rows.clamp(0, n - 1), exists
+
+
+def _sparse_plan(x: torch.Tensor, shifts: _Shifts, ahead: bool
+                 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    # Per chunk: (start, stop, source rows (R, S), exists mask (R, S)); chunks hold ~GATHER_CHUNK_ELEMENTS gathered.
+    offsets = torch.tensor(shifts.sparse, device=x.device)
+    for start, stop in _chunks(x, GATHER_CHUNK_ELEMENTS // len(shifts.sparse)):
+        yield (start, stop, *_sparse_rows(start, stop, x.shape[1], offsets, ahead))
+
+
 def _dot_behind(a: torch.Tensor, b: torch.Tensor, shifts: _Shifts) -> torch.Tensor:
     # out[:, i, :, u] = a_i · b_{i − o_u} (zero for i < o_u), (B, N, H, U).
     batch, n, heads, _ = a.shape
     band = shifts.band
     out = a.new_zeros(batch, n, heads, band + len(shifts.sparse))
-    for start, stop in _chunks(a):
-        if band:
+    if band:
+        for start, stop in _chunks(a, SHIFT_CHUNK_ELEMENTS):
             # Window column w of row i holds b_{i − (band − 1) + w}, i.e. offset band − 1 − w.
             dots = torch.bmm(_time_major(a[:, start:stop]), _windows(_padded_rows(b, start - band + 1, stop), band))
             out[:, start:stop, :, :band] = dots.view(stop - start, batch, heads, band).transpose(0, 1).flip(-1)
-        for column, offset in enumerate(shifts.sparse, start=band):
-            low = max(start, offset)
-            if low < stop:
-                out[:, low:stop, :, column] = torch.linalg.vecdot(a[:, low:stop], b[:, low - offset:stop - offset])
+    if shifts.sparse:
+        a_heads, b_heads = _head_major(a), _head_major(b)
+        for start, stop, rows, exists in _sparse_plan(a, shifts, ahead=False):
+            dots = torch.matmul(b_heads[:, :, rows], a_heads[:, :, start:stop, :, None]).squeeze(-1)
+            out[:, start:stop, :, band:] = (dots * exists).transpose(1, 2)
     return out
 
 
@@ -206,16 +236,18 @@ def _sum_behind(weights: torch.Tensor, b: torch.Tensor, shifts: _Shifts) -> torc
     batch, n, heads, channels = b.shape
     band = shifts.band
     out = b.new_zeros(batch, n, heads, channels)
-    for start, stop in _chunks(b):
-        if band:
+    if band:
+        for start, stop in _chunks(b, SHIFT_CHUNK_ELEMENTS):
             window_weights = _time_major(weights[:, start:stop, :, :band].flip(-1))
             windows = _windows(_padded_rows(b, start - band + 1, stop), band)
             sums = torch.bmm(window_weights, windows.transpose(1, 2))
             out[:, start:stop] = sums.view(stop - start, batch, heads, channels).transpose(0, 1)
-        for column, offset in enumerate(shifts.sparse, start=band):
-            low = max(start, offset)
-            if low < stop:
-                out[:, low:stop].addcmul_(weights[:, low:stop, :, column, None], b[:, low - offset:stop - offset])
+    if shifts.sparse:
+        weight_heads, b_heads = _head_major(weights[..., band:]), _head_major(b)
+        for start, stop, rows, exists in _sparse_plan(b, shifts, ahead=False):
+            masked = (weight_heads[:, :, start:stop] * exists)[..., None, :]
+            sums = torch.matmul(masked, b_heads[:, :, rows]).squeeze(-2)
+            out[:, start:stop] += sums.transpose(1, 2)
     return out
 
 
@@ -224,8 +256,8 @@ def _sum_ahead(weights: torch.Tensor, a: torch.Tensor, shifts: _Shifts) -> torch
     batch, n, heads, channels = a.shape
     band = shifts.band
     out = a.new_zeros(batch, n, heads, channels)
-    for start, stop in _chunks(a):
-        if band:
+    if band:
+        for start, stop in _chunks(a, SHIFT_CHUNK_ELEMENTS):
             # skewed[j, u] = weights[j + u, u]: a diagonal stride through the time-major rows j … j + band − 1.
             rows = _padded_rows(weights[..., :band], start, stop + band - 1)
             step = batch * heads * band
@@ -233,11 +265,13 @@ def _sum_ahead(weights: torch.Tensor, a: torch.Tensor, shifts: _Shifts) -> torch
             windows = _windows(_padded_rows(a, start, stop + band - 1), band)
             sums = torch.bmm(skewed.reshape(-1, 1, band).contiguous(), windows.transpose(1, 2))
             out[:, start:stop] = sums.view(stop - start, batch, heads, channels).transpose(0, 1)
-        for column, offset in enumerate(shifts.sparse, start=band):
-            high = min(stop, n - offset)
-            if start < high:
-                out[:, start:high].addcmul_(weights[:, start + offset:high + offset, :, column, None],
-                                            a[:, start + offset:high + offset])
+    if shifts.sparse:
+        weight_heads, a_heads = _head_major(weights[..., band:]), _head_major(a)
+        columns = torch.arange(len(shifts.sparse), device=a.device)
+        for start, stop, rows, exists in _sparse_plan(a, shifts, ahead=True):
+            masked = (weight_heads[:, :, rows, columns] * exists)[..., None, :]
+            sums = torch.matmul(masked, a_heads[:, :, rows]).squeeze(-2)
+            out[:, start:stop] += sums.transpose(1, 2)
     return out
 
 
