@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from wavetrain import build_model, compose_config
 from wavetrain.analysis import dwarf_plots
-from wavetrain.config import group_choices
+from wavetrain.config import ConfigError, group_choices
 from wavetrain.data.datamodule import TextDataModule, pad_collate
 from wavetrain.data.tokenizers import ByteLevelBPETokenizer
 from wavetrain.eval import passkey
@@ -325,6 +325,36 @@ def test_passkey_command_on_trained_checkpoints(tiny_checkpoints: dict[str, Path
     report = (tmp_path / "passkey.md").read_text()
     assert "chance = 10%" in report and "## All runs (accuracy)" in report and "| D=4 | D=8 | D=16 | mean |" in report
     assert json.loads((tmp_path / "passkey.json").read_text())["chance"] == pytest.approx(0.1)
+
+
+def test_run_passkey_scores_the_best_checkpoint_into_results(tmp_path: Path) -> None:
+    """run.passkey=true: after training, the §5 protocol on the best checkpoint lands in results.json and
+    passkey/ (the passkey sweep's metric); a distance beyond seq_len is skipped, not failed."""
+    path = _write_jsonl(tmp_path / "owt.jsonl", _passkey_corpus(120))
+    run_dir = tmp_path / "run"
+    results = train(compose_config(["attention=dwarf_condK", "data=owt", f"data.path={path}",
+                                    f"data.cache_dir={tmp_path / 'cache'}", "tokenizer=bpe32k_owt", *SMALL_BPE,
+                                    *TRAIN_TINY, "run.passkey=true", "run.passkey_distances=[4,8,1000]",
+                                    "run.passkey_trials=5"]), run_dir=run_dir)
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["passkey_distances"] == results["passkey_distances"] == 2  # D=1000 does not fit 64 tokens
+    assert saved["passkey_acc"] in {0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0}
+    assert saved["passkey_baseline"] is None  # 200 filler tokens + cue do not fit 64 positions either
+    rows = list(csv.DictReader(open(run_dir / "passkey" / "passkey.csv")))
+    assert [int(r["distance"]) for r in rows] == [4, 8] and "best-step" in rows[0]["run"]
+    assert math.isclose(sum(float(r["accuracy"]) for r in rows) / 2, saved["passkey_acc"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["tokenizer=char"], "share their first token"),
+    (["run.passkey_trials=30"], "run.passkey_trials=30: give 1 to 20"),
+    (["run.passkey_distances=[4,-1]"], "run.passkey_distances"),
+])
+def test_run_passkey_refuses_a_bad_setup_before_training(overrides: list[str], message: str, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        train(compose_config(["attention=dwarf_condK", *TRAIN_TINY, "run.passkey=true", *overrides]), run_dir=run_dir)
+    assert not run_dir.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -167,6 +167,16 @@ def validate_config(cfg: DictConfig) -> None:
     _positive(cfg, "run.checkpoint_every_n_steps", cfg.run.get("checkpoint_every_n_steps", 1))
     _one_of("run.on_nonfinite", cfg.run.get("on_nonfinite", "stop"), NONFINITE_MODES)
     _non_negative("run.max_nonfinite_skips", cfg.run.get("max_nonfinite_skips", 0))
+    if cfg.run.get("passkey"):
+        trials = cfg.run.get("passkey_trials", 20)
+        if isinstance(trials, bool) or not isinstance(trials, int) or not 1 <= trials <= 20:
+            raise ConfigError(f"run.passkey_trials={trials}: give 1 to 20 (one trial per passkey word, spec "
+                              f"dwarf.md §5)")
+        distances = cfg.run.get("passkey_distances")
+        if distances is not None and not (OmegaConf.is_list(distances) and len(distances) and all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in distances)):
+            raise ConfigError(f"run.passkey_distances={distances}: give a list of non-negative token counts, e.g. "
+                              f"[4,8,16], or null for the 37 distances of spec dwarf.md §5")
 
 
 def _innermost(error: BaseException) -> BaseException:

@@ -136,6 +136,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     if cfg.run.test and not data.has_split("test"):
         raise ConfigError(f"run.test=true but data={cfg.run.choices.get('data')} has no test split: set "
                           f"run.test=false (or give the source a test split, e.g. data.source.test_fraction=0.05)")
+    if cfg.run.get("passkey"):
+        _check_passkey_tokenizer(getattr(data, "tokenizer", None))
     check_resume_compatible(resume, OmegaConf.to_container(cfg, resolve=True), run_dir, bool(cfg.run.ckpt_path))
     results_path = run_dir / cfg.run.results_file
     finished = None if cfg.run.ckpt_path else finished_results(results_path, int(cfg.trainer.max_steps))
@@ -213,10 +215,36 @@ def _fit(cfg: DictConfig, run_dir: Path, data: L.LightningDataModule, vocab_size
         best = results.get("best_checkpoint")
         tested = trainer.test(task, datamodule=data, ckpt_path=best, verbose=False)
         results.update({k.replace("/", "_"): float(v) for k, v in (tested[0] if tested else {}).items()})
+    if cfg.run.get("passkey"):
+        results.update(_passkey(cfg, run_dir, results, tokenizer, trainer.strategy.root_device))
     results["wall_seconds"] = time.time() - started
     write_json_atomic(results_path, results)
     print(summary_line(results))
     return results
+
+
+def _check_passkey_tokenizer(tokenizer) -> None:
+    from wavetrain.eval.passkey import check_run_tokenizer
+
+    try:
+        check_run_tokenizer(tokenizer)
+    except ValueError as err:
+        raise ConfigError(f"run.passkey=true: {err}") from None
+
+
+def _passkey(cfg: DictConfig, run_dir: Path, results: dict, tokenizer, device: torch.device) -> dict:
+    """run.passkey: the DWARF passkey protocol (spec dwarf.md §5) on the best checkpoint (else the last one)."""
+    from wavetrain.eval.passkey import passkey_after_training
+
+    checkpoint = Path(results.get("best_checkpoint") or run_dir / CHECKPOINT_DIR / "last.ckpt")
+    distances = cfg.run.get("passkey_distances")
+    scores = passkey_after_training(checkpoint, tokenizer, run_dir / "passkey", context=int(cfg.seq_len),
+                                    distances=list(distances) if distances is not None else None,
+                                    trials=int(cfg.run.passkey_trials), device=device)
+    accuracy = scores["passkey_acc"]
+    log.info("passkey (spec dwarf.md §5): %s over %d distances, written to %s", "n/a" if accuracy is None
+             else f"{accuracy:.1%}", scores["passkey_distances"], run_dir / "passkey")
+    return scores
 
 
 def _stopped(cfg: DictConfig, results_path: Path, stop: Preempted, signals: PreemptionSignals,

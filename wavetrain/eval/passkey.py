@@ -261,6 +261,35 @@ def write_outputs(out_dir: Path, runs: dict[str, list[DistanceResult]], baseline
     return [md, table, raw]
 
 
+def check_run_tokenizer(tokenizer) -> None:
+    """run.passkey=true, before training: the run's tokenizer must score the 10-way choice (:func:`check_candidates`);
+    raises ValueError naming the fix otherwise."""
+    if tokenizer is None or not hasattr(tokenizer, "encode"):
+        raise ValueError("run.passkey=true needs a text tokenizer (this data module has none): set run.passkey=false "
+                         "or train on text with tokenizer=bpe32k_owt")
+    check_candidates(tokenizer, PASSKEY_WORDS)
+
+
+def passkey_after_training(checkpoint: Path, tokenizer, out_dir: Path, *, context: int,
+                           distances: Sequence[int] | None = None, trials: int = len(PASSKEY_WORDS),
+                           device: torch.device | str = "cpu") -> dict[str, float | int | None]:
+    """run.passkey=true: the §5 protocol on a run's checkpoint at the end of training.  Writes passkey.md / .csv /
+    .json into ``out_dir`` and returns the results.json entries: ``passkey_acc`` (mean accuracy over the distances
+    that fit ``context``; None if none fits), ``passkey_baseline`` (the no-passkey baseline) and
+    ``passkey_distances`` (how many distances were scored)."""
+    from wavetrain import load_model
+
+    model, cfg = load_model(checkpoint)
+    model.to(device)
+    label = run_label(checkpoint, cfg)
+    results = evaluate_passkey(model, tokenizer, context=context, distances=distances or DISTANCES, trials=trials,
+                               device=device)
+    baseline = no_passkey_baseline(model, tokenizer, context=context, trials=trials, device=device)
+    write_outputs(out_dir, {label: results}, {label: baseline}, trials)
+    accuracy = sum(r.accuracy for r in results) / len(results) if results else None
+    return {"passkey_acc": accuracy, "passkey_baseline": baseline, "passkey_distances": len(results)}
+
+
 def _distances(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.replace(" ", "").split(",") if part]
