@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -36,7 +36,9 @@ FIELD_SCALES = 12       # Morlet / DB4 basis scales of condC/D (spec §3.C: S = 
 FIELD_CELLS_PER_TOKEN = 2   # auto field: G = 2·seq_len, the published 4096 cells at seq_len 2048 (spec §3.A)
 NORMALISER_EPS = 1e-6   # out = num / (Z + 1e-6) (spec §3.K)
 SHIFT_CHUNK_ELEMENTS = 1 << 18  # row elements per token chunk of the band products (1 MiB in fp32)
-GATHER_CHUNK_ELEMENTS = 1 << 20  # gathered elements per token chunk of the sparse-offset reads (4 MiB in fp32)
+GATHER_CHUNK_ELEMENTS = 1 << 19  # gathered elements per token chunk of the sparse-offset reads (2 MiB in fp32)
+SPARSE_READS = "auto"   # sparse-offset reads: gather (one indexed gather of all offsets per chunk: one kernel on a GPU)
+                        # | slices (one in-cache slice product per offset: 2-3x faster on a CPU) | auto (CPU: slices)
 MIN_BAND_WIDTH = 16     # a dense offset prefix this wide is read as one band; narrower ones are faster one by one
 PLAN_CACHE_SIZE = 8     # tap plans (index tensors) kept per dyadic module, one per recent sequence length
 
@@ -84,12 +86,15 @@ def d4_warm_start_bias(offsets: list[int]) -> list[float]:
 #
 # Tensors are token-major, rows (B, N, H, C) and per-offset weights (B, N, H, U).  A dense prefix of offsets
 # 0 … band − 1 is read through strided windows of a zero-padded time-major copy (a Tensor.unfold-style view, no copy
-# per offset), one batched matrix product for all of them.  The other (sparse) offsets are read by one indexed
-# gather per token chunk: rows i − o_u of a head-major copy, (B, H, R, S, C) for a chunk of R tokens and S offsets,
-# then one batched matrix product; positions outside 0 … N − 1 are clamped and masked to zero.  There is no Python
-# loop over offsets.  Chunks keep each gathered block near GATHER_CHUNK_ELEMENTS (in cache on a CPU), so memory
-# stays O(N·(U + C)) per head: the (B, N, U, C) stack of shifted rows is never formed, and the backward passes are
-# the same three reads.
+# per offset), one batched matrix product for all of them.  The other (sparse) offsets are read one of two ways
+# (SPARSE_READS), equal in value:
+# - gather (GPU default): one index_select per token chunk fetches the S shifted blocks of R rows at once (each block
+#   a contiguous window of a zero-padded flat copy), then one product and one reduction: no Python loop over offsets,
+#   one kernel launch per op for the whole sequence on a GPU;
+# - slices (CPU default): one slice product per offset on a token chunk that stays in cache; it reads the rows in
+#   place where the gather copies them first, measured 2-3x faster on a 2-core CPU (python -m wavetrain.bench).
+# Chunks keep memory O(N·(U + C)) per head: the (B, N, U, C) stack of shifted rows is never formed; the backward
+# passes are the same three reads.
 
 class _Shifts(NamedTuple):
     """Read offsets split for :func:`shifted_dot` / :func:`shifted_sum`; every offset is < N."""
@@ -173,11 +178,6 @@ def _time_major(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).reshape(-1, 1, x.shape[-1])
 
 
-def _head_major(x: torch.Tensor) -> torch.Tensor:
-    # (B, N, H, K) -> contiguous (B, H, N, K): a gather along N then yields (B, H, R, S, K) blocks ready for matmul.
-    return x.transpose(1, 2).contiguous()
-
-
 def _padded_rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     # Rows start … stop − 1 of x (B, N, H, K), time-major (stop − start, B, H, K), zero outside 0 … N − 1.
     batch, n, heads, width = x.shape
@@ -195,22 +195,107 @@ def _windows(rows: torch.Tensor, band: int) -> torch.Tensor:
     return rows.as_strided(((length - band + 1) * batch * heads, width, band), (width, 1, step))
 
 
-def _sparse_rows(start: int, stop: int, n: int, offsets: torch.Tensor, ahead: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # Source rows of tokens start … stop − 1 at every sparse offset, (R, S): i − o_u behind or j + o_u ahead, clamped
-    # into 0 … N − 1, with the mask of those that exist (the clamped ones read zero).
-    tokens = torch.arange(start, stop, device=offsets.device)[:, None]
-    rows = tokens + offsets if ahead else tokens - offsets
-    exists = (rows >= 0) & (rows < n)
-    return rows.clamp(0, n - 1), exists
+def _gathers(x: torch.Tensor) -> bool:
+    # Sparse reads by one indexed gather (True) or per-offset slices (False), see SPARSE_READS.
+    if SPARSE_READS == "auto":
+        return x.device.type != "cpu"
+    return SPARSE_READS == "gather"
 
 
-def _sparse_plan(x: torch.Tensor, shifts: _Shifts, ahead: bool
-                 ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-    # Per chunk: (start, stop, source rows (R, S), exists mask (R, S)); chunks hold ~GATHER_CHUNK_ELEMENTS gathered.
-    offsets = torch.tensor(shifts.sparse, device=x.device)
-    for start, stop in _chunks(x, GATHER_CHUNK_ELEMENTS // len(shifts.sparse)):
-        yield (start, stop, *_sparse_rows(start, stop, x.shape[1], offsets, ahead))
+def _gather_length(x: torch.Tensor, count: int) -> int:
+    # Tokens per chunk of the gathered reads: `count` blocks of R rows of B·H·C elements stay near
+    # GATHER_CHUNK_ELEMENTS on a CPU (in cache while they are multiplied); other devices take the whole sequence.
+    batch, n, heads, channels = x.shape
+    if x.device.type != "cpu":
+        return n
+    return max(1, min(n, GATHER_CHUNK_ELEMENTS // (count * batch * heads * channels)))
+
+
+def _offset_blocks(rows: torch.Tensor, offsets: list[int], length: int, ahead: bool
+                   ) -> Callable[[int], torch.Tensor]:
+    # fetch(start) -> (S, length, *rest): for every offset o_u, the `length` time-major rows from start − o_u (behind)
+    # or start + o_u (ahead) of rows (N, *rest), zero outside 0 … N − 1.  The rows are copied once into a zero-padded
+    # buffer; every block is then a contiguous window of its flat storage, so one index_select (block copies, no
+    # per-offset loop) gathers all S of them.
+    n, width = rows.shape[0], rows[0].numel()
+    reach = max(offsets)
+    before = 0 if ahead else reach
+    padded = rows.new_zeros(before + n + reach + length, *rows.shape[1:])
+    padded[before:before + n] = rows
+    windows = padded.view(-1).as_strided((padded.shape[0] - length + 1, length * width), (width, 1))
+    shift = torch.tensor(offsets, device=rows.device) * (1 if ahead else -1) + before
+
+    def fetch(start: int) -> torch.Tensor:
+        return windows.index_select(0, shift + start).view(len(offsets), length, *rows.shape[1:])
+    return fetch
+
+
+def _column_blocks(weights: torch.Tensor, offsets: list[int], length: int) -> Callable[[int], torch.Tensor]:
+    # fetch(start) -> (S, length, B, H): column u of weights (B, N, H, S) at tokens start + o_u …, zero beyond N − 1
+    # (the adjoint reads of _sum_ahead); one index_select over the columns laid end to end, each zero-padded.
+    batch, n, heads, count = weights.shape
+    span = n + max(offsets) + length
+    columns = weights.new_zeros(count, span, batch, heads)
+    columns[:, :n] = weights.permute(3, 1, 0, 2)
+    width = batch * heads
+    windows = columns.view(-1).as_strided((count * span - length + 1, length * width), (width, 1))
+    shift = torch.arange(count, device=weights.device) * span + torch.tensor(offsets, device=weights.device)
+
+    def fetch(start: int) -> torch.Tensor:
+        return windows.index_select(0, shift + start).view(count, length, batch, heads)
+    return fetch
+
+
+def _sparse_dots(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: tuple[int, ...]) -> None:
+    # out[:, i, :, u] = a_i · b_{i − o_u} into out (B, N, H, S), zero where i < o_u.
+    n = a.shape[1]
+    if _gathers(a):
+        length = _gather_length(a, len(offsets))
+        a_rows = a.transpose(0, 1)
+        behind = _offset_blocks(b.transpose(0, 1), list(offsets), length, ahead=False)
+        dots = a.new_empty(len(offsets), *a_rows.shape[:-1])
+        for start in range(0, n, length):
+            stop = min(start + length, n)
+            dots[:, start:stop] = (behind(start)[:, :stop - start] * a_rows[start:stop]).sum(-1)
+        out.copy_(dots.permute(2, 1, 3, 0))
+        return
+    for start, stop in _chunks(a, SHIFT_CHUNK_ELEMENTS):
+        for column, offset in enumerate(offsets):
+            low = max(start, offset)
+            if low < stop:
+                out[:, low:stop, :, column] = torch.linalg.vecdot(a[:, low:stop], b[:, low - offset:stop - offset])
+
+
+def _sparse_sums(out: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, offsets: tuple[int, ...],
+                 ahead: bool) -> None:
+    # Behind: out_i += Σ_u weights[i, u]·rows_{i − o_u}; ahead (the adjoint): out_j += Σ_u weights[j + o_u, u]·
+    # rows_{j + o_u}.  Rows outside 0 … N − 1 read zero.  out (B, N, H, C), weights (B, N, H, S).
+    n = rows.shape[1]
+    if _gathers(rows):
+        length = _gather_length(rows, len(offsets))
+        columns = weights.permute(3, 1, 0, 2)  # (S, N, B, H): behind, each token's own weights
+
+        def read_weights(start: int) -> torch.Tensor:
+            return columns[:, start:start + length]
+        if ahead:
+            read_weights = _column_blocks(weights, list(offsets), length)
+        read_rows = _offset_blocks(rows.transpose(0, 1), list(offsets), length, ahead)
+        for start in range(0, n, length):
+            stop = min(start + length, n)
+            sums = (read_weights(start)[:, :stop - start, ..., None] * read_rows(start)[:, :stop - start]).sum(0)
+            out[:, start:stop] += sums.transpose(0, 1)
+        return
+    for start, stop in _chunks(rows, SHIFT_CHUNK_ELEMENTS):
+        for column, offset in enumerate(offsets):
+            if ahead:
+                high = min(stop, n - offset)
+                if start < high:
+                    out[:, start:high].addcmul_(weights[:, start + offset:high + offset, :, column, None],
+                                                rows[:, start + offset:high + offset])
+            else:
+                low = max(start, offset)
+                if low < stop:
+                    out[:, low:stop].addcmul_(weights[:, low:stop, :, column, None], rows[:, low - offset:stop - offset])
 
 
 def _dot_behind(a: torch.Tensor, b: torch.Tensor, shifts: _Shifts) -> torch.Tensor:
@@ -224,10 +309,7 @@ def _dot_behind(a: torch.Tensor, b: torch.Tensor, shifts: _Shifts) -> torch.Tens
             dots = torch.bmm(_time_major(a[:, start:stop]), _windows(_padded_rows(b, start - band + 1, stop), band))
             out[:, start:stop, :, :band] = dots.view(stop - start, batch, heads, band).transpose(0, 1).flip(-1)
     if shifts.sparse:
-        a_heads, b_heads = _head_major(a), _head_major(b)
-        for start, stop, rows, exists in _sparse_plan(a, shifts, ahead=False):
-            dots = torch.matmul(b_heads[:, :, rows], a_heads[:, :, start:stop, :, None]).squeeze(-1)
-            out[:, start:stop, :, band:] = (dots * exists).transpose(1, 2)
+        _sparse_dots(out[..., band:], a, b, shifts.sparse)
     return out
 
 
@@ -243,11 +325,7 @@ def _sum_behind(weights: torch.Tensor, b: torch.Tensor, shifts: _Shifts) -> torc
             sums = torch.bmm(window_weights, windows.transpose(1, 2))
             out[:, start:stop] = sums.view(stop - start, batch, heads, channels).transpose(0, 1)
     if shifts.sparse:
-        weight_heads, b_heads = _head_major(weights[..., band:]), _head_major(b)
-        for start, stop, rows, exists in _sparse_plan(b, shifts, ahead=False):
-            masked = (weight_heads[:, :, start:stop] * exists)[..., None, :]
-            sums = torch.matmul(masked, b_heads[:, :, rows]).squeeze(-2)
-            out[:, start:stop] += sums.transpose(1, 2)
+        _sparse_sums(out, weights[..., band:], b, shifts.sparse, ahead=False)
     return out
 
 
@@ -266,12 +344,7 @@ def _sum_ahead(weights: torch.Tensor, a: torch.Tensor, shifts: _Shifts) -> torch
             sums = torch.bmm(skewed.reshape(-1, 1, band).contiguous(), windows.transpose(1, 2))
             out[:, start:stop] = sums.view(stop - start, batch, heads, channels).transpose(0, 1)
     if shifts.sparse:
-        weight_heads, a_heads = _head_major(weights[..., band:]), _head_major(a)
-        columns = torch.arange(len(shifts.sparse), device=a.device)
-        for start, stop, rows, exists in _sparse_plan(a, shifts, ahead=True):
-            masked = (weight_heads[:, :, rows, columns] * exists)[..., None, :]
-            sums = torch.matmul(masked, a_heads[:, :, rows]).squeeze(-2)
-            out[:, start:stop] += sums.transpose(1, 2)
+        _sparse_sums(out, weights[..., band:], a, shifts.sparse, ahead=True)
     return out
 
 
