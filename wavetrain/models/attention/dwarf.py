@@ -37,10 +37,9 @@ FIELD_CELLS_PER_TOKEN = 2   # auto field: G = 2·seq_len, the published 4096 cel
 NORMALISER_EPS = 1e-6   # out = num / (Z + 1e-6) (spec §3.K)
 SHIFT_CHUNK_ELEMENTS = 1 << 18  # row elements per token chunk of the band products (1 MiB in fp32)
 GATHER_CHUNK_ELEMENTS = 1 << 19  # gathered elements per token chunk of the sparse-offset reads (2 MiB in fp32)
-SHIFT_READS = "auto"    # offset reads: batched (dense band by strided windows + one indexed gather of the other
-                        # offsets: a few kernels per call on a GPU) | slices (one in-cache slice product per offset:
-                        # 1.4-3x faster on a CPU) | auto (slices on a CPU, batched elsewhere)
-MIN_BAND_WIDTH = 16     # batched reads: a dense offset prefix this wide is read as one band, narrower ones gathered
+SPARSE_READS = "auto"   # sparse-offset reads: gather (one indexed gather of all offsets per chunk: one kernel on a GPU)
+                        # | slices (one in-cache slice product per offset: 2-3x faster on a CPU) | auto (CPU: slices)
+MIN_BAND_WIDTH = 16     # a dense offset prefix this wide is read as one band; narrower ones are faster one by one
 PLAN_CACHE_SIZE = 8     # tap plans (index tensors) kept per dyadic module, one per recent sequence length
 
 
@@ -85,33 +84,31 @@ def d4_warm_start_bias(offsets: list[int]) -> list[float]:
 # ---------------------------------------------------------------------------------------------------------------
 # Shifted-row products: the reads of the dyadic family at its offsets (spec §3 notation, §3.G–P)
 #
-# Tensors are token-major, rows (B, N, H, C) and per-offset weights (B, N, H, U).  Two ways to read them
-# (SHIFT_READS), equal in value:
-# - batched (GPU default), no Python loop over offsets: a dense prefix of offsets 0 … band − 1 is read through
-#   strided windows of a zero-padded time-major copy (a Tensor.unfold-style view), one batched matrix product for
-#   all of them; one index_select per token chunk fetches the other S offsets' shifted blocks of R rows at once
-#   (each block a contiguous window of a zero-padded flat copy), then one product and one reduction.  On a GPU the
-#   chunk is the whole sequence: a handful of kernel launches per call whatever the tap count.
+# Tensors are token-major, rows (B, N, H, C) and per-offset weights (B, N, H, U).  A dense prefix of offsets
+# 0 … band − 1 is read through strided windows of a zero-padded time-major copy (a Tensor.unfold-style view, no copy
+# per offset), one batched matrix product for all of them.  The other (sparse) offsets are read one of two ways
+# (SPARSE_READS), equal in value:
+# - gather (GPU default): one index_select per token chunk fetches the S shifted blocks of R rows at once (each block
+#   a contiguous window of a zero-padded flat copy), then one product and one reduction: no Python loop over offsets,
+#   one kernel launch per op for the whole sequence on a GPU;
 # - slices (CPU default): one slice product per offset on a token chunk that stays in cache; it reads the rows in
-#   place where the batched path copies them first, measured 1.4-3x faster on a 2-core CPU.
+#   place where the gather copies them first, measured 2-3x faster on a 2-core CPU (python -m wavetrain.bench).
 # Chunks keep memory O(N·(U + C)) per head: the (B, N, U, C) stack of shifted rows is never formed; the backward
 # passes are the same three reads.
 
 class _Shifts(NamedTuple):
     """Read offsets split for :func:`shifted_dot` / :func:`shifted_sum`; every offset is < N."""
-    band: int              # the leading offsets 0, 1, …, band − 1 (batched reads only)
+    band: int              # the leading offsets 0, 1, …, band − 1
     sparse: tuple[int, ...]  # the other offsets, ascending
-    batched: bool          # batched reads (band windows + one gather) or one slice per offset
 
     @classmethod
-    def of(cls, offsets: list[int], rows: torch.Tensor) -> _Shifts:
-        batched = SHIFT_READS == "batched" or (SHIFT_READS == "auto" and rows.device.type != "cpu")
+    def of(cls, offsets: list[int]) -> _Shifts:
         band = 0
-        while batched and band < len(offsets) and offsets[band] == band:
+        while band < len(offsets) and offsets[band] == band:
             band += 1
         if band < MIN_BAND_WIDTH:
             band = 0
-        return cls(band, tuple(offsets[band:]), batched)
+        return cls(band, tuple(offsets[band:]))
 
 
 def shifted_dot(a: torch.Tensor, b: torch.Tensor, offsets: list[int]) -> torch.Tensor:
@@ -121,7 +118,7 @@ def shifted_dot(a: torch.Tensor, b: torch.Tensor, offsets: list[int]) -> torch.T
     pass is written out (:class:`_ShiftedDot`)."""
     dtype = torch.promote_types(a.dtype, b.dtype)
     with torch.autocast(device_type=a.device.type, enabled=False):
-        return _ShiftedDot.apply(a.to(dtype), b.to(dtype), _Shifts.of(offsets, b))
+        return _ShiftedDot.apply(a.to(dtype), b.to(dtype), _Shifts.of(offsets))
 
 
 def shifted_sum(weights: torch.Tensor, b: torch.Tensor, offsets: list[int]) -> torch.Tensor:
@@ -129,7 +126,7 @@ def shifted_sum(weights: torch.Tensor, b: torch.Tensor, offsets: list[int]) -> t
     -> (B, N, H, C).  ``offsets`` ascending, each < N; promoted dtype outside autocast (:class:`_ShiftedSum`)."""
     dtype = torch.promote_types(weights.dtype, b.dtype)
     with torch.autocast(device_type=b.device.type, enabled=False):
-        return _ShiftedSum.apply(weights.to(dtype), b.to(dtype), _Shifts.of(offsets, b))
+        return _ShiftedSum.apply(weights.to(dtype), b.to(dtype), _Shifts.of(offsets))
 
 
 class _ShiftedDot(torch.autograd.Function):
@@ -198,6 +195,13 @@ def _windows(rows: torch.Tensor, band: int) -> torch.Tensor:
     return rows.as_strided(((length - band + 1) * batch * heads, width, band), (width, 1, step))
 
 
+def _gathers(x: torch.Tensor) -> bool:
+    # Sparse reads by one indexed gather (True) or per-offset slices (False), see SPARSE_READS.
+    if SPARSE_READS == "auto":
+        return x.device.type != "cpu"
+    return SPARSE_READS == "gather"
+
+
 def _gather_length(x: torch.Tensor, count: int) -> int:
     # Tokens per chunk of the gathered reads: `count` blocks of R rows of B·H·C elements stay near
     # GATHER_CHUNK_ELEMENTS on a CPU (in cache while they are multiplied); other devices take the whole sequence.
@@ -242,11 +246,10 @@ def _column_blocks(weights: torch.Tensor, offsets: list[int], length: int) -> Ca
     return fetch
 
 
-def _sparse_dots(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: tuple[int, ...],
-                 batched: bool) -> None:
+def _sparse_dots(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: tuple[int, ...]) -> None:
     # out[:, i, :, u] = a_i · b_{i − o_u} into out (B, N, H, S), zero where i < o_u.
     n = a.shape[1]
-    if batched:
+    if _gathers(a):
         length = _gather_length(a, len(offsets))
         a_rows = a.transpose(0, 1)
         behind = _offset_blocks(b.transpose(0, 1), list(offsets), length, ahead=False)
@@ -264,11 +267,11 @@ def _sparse_dots(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: t
 
 
 def _sparse_sums(out: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, offsets: tuple[int, ...],
-                 ahead: bool, batched: bool) -> None:
+                 ahead: bool) -> None:
     # Behind: out_i += Σ_u weights[i, u]·rows_{i − o_u}; ahead (the adjoint): out_j += Σ_u weights[j + o_u, u]·
     # rows_{j + o_u}.  Rows outside 0 … N − 1 read zero.  out (B, N, H, C), weights (B, N, H, S).
     n = rows.shape[1]
-    if batched:
+    if _gathers(rows):
         length = _gather_length(rows, len(offsets))
         columns = weights.permute(3, 1, 0, 2)  # (S, N, B, H): behind, each token's own weights
 
@@ -306,7 +309,7 @@ def _dot_behind(a: torch.Tensor, b: torch.Tensor, shifts: _Shifts) -> torch.Tens
             dots = torch.bmm(_time_major(a[:, start:stop]), _windows(_padded_rows(b, start - band + 1, stop), band))
             out[:, start:stop, :, :band] = dots.view(stop - start, batch, heads, band).transpose(0, 1).flip(-1)
     if shifts.sparse:
-        _sparse_dots(out[..., band:], a, b, shifts.sparse, shifts.batched)
+        _sparse_dots(out[..., band:], a, b, shifts.sparse)
     return out
 
 
@@ -322,7 +325,7 @@ def _sum_behind(weights: torch.Tensor, b: torch.Tensor, shifts: _Shifts) -> torc
             sums = torch.bmm(window_weights, windows.transpose(1, 2))
             out[:, start:stop] = sums.view(stop - start, batch, heads, channels).transpose(0, 1)
     if shifts.sparse:
-        _sparse_sums(out, weights[..., band:], b, shifts.sparse, ahead=False, batched=shifts.batched)
+        _sparse_sums(out, weights[..., band:], b, shifts.sparse, ahead=False)
     return out
 
 
@@ -341,7 +344,7 @@ def _sum_ahead(weights: torch.Tensor, a: torch.Tensor, shifts: _Shifts) -> torch
             sums = torch.bmm(skewed.reshape(-1, 1, band).contiguous(), windows.transpose(1, 2))
             out[:, start:stop] = sums.view(stop - start, batch, heads, channels).transpose(0, 1)
     if shifts.sparse:
-        _sparse_sums(out, weights[..., band:], a, shifts.sparse, ahead=True, batched=shifts.batched)
+        _sparse_sums(out, weights[..., band:], a, shifts.sparse, ahead=True)
     return out
 
 
