@@ -130,6 +130,12 @@ def test_pivot_orders_variants_by_their_mean(tmp_path: Path) -> None:
     pivot = markdown.split("## val acc by attention")[1]
     assert "| attention | seq_len=8 | seq_len=16 | mean val acc |" in pivot
     assert pivot.index("| y | 0.9 | 0.7 | 0.8 |") < pivot.index("| x | 0.2 | 0.1 | 0.15 |")
+    assert "![grid](report_grid.png)" in pivot and (root / "report_grid.png").read_bytes()[:8] == PNG_MAGIC
+    (root / "0" / "results.json").unlink()  # a missing cell: a blank in the heatmap, no mean for its row
+    (root / "report_grid.png").unlink()
+    assert report_main([str(root)]) == 0
+    assert "| x | — | 0.1 | — |" in (root / "report.md").read_text()
+    assert (root / "report_grid.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_unknown_sweep_or_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -240,34 +240,85 @@ def markdown_table(sweep: Sweep) -> str:
     return "\n".join(lines)
 
 
-def pivot_table(sweep: Sweep) -> str | None:
-    """With ``sweep.pivot: {rows: <key>, columns: [<keys>]}``: the headline metric as a grid, plus each pivot row's
-    mean over the grid (the ordering of the variants)."""
+@dataclass
+class PivotGrid:
+    """The headline metric of a ``sweep.pivot`` as a grid: one row per value of ``row_key`` (best mean first), one
+    column per combination of ``column_keys``."""
+    row_key: str
+    column_keys: list[str]
+    columns: list[tuple]
+    cells: dict[str, dict[tuple, float | None]]
+    means: dict[str, float | None]        # a row's mean over the grid (None if a cell is missing)
+    ordered: list[str]
+
+    def titles(self, separator: str = " ") -> list[str]:
+        return [separator.join(f"{k.split('.')[-1]}={v}" for k, v in zip(self.column_keys, column))
+                for column in self.columns]
+
+
+def pivot_grid(sweep: Sweep) -> PivotGrid | None:
+    """With ``sweep.pivot: {rows: <key>, columns: [<keys>]}``: the grid of :func:`pivot_table` and the heatmap."""
     if not sweep.pivot:
         return None
     row_key = str(sweep.pivot.get("rows", "attention"))
     column_keys = [str(k) for k in sweep.pivot.get("columns", [])]
-    grid: dict[str, dict[tuple, float | None]] = {}
-    column_values: list[tuple] = []
+    cells: dict[str, dict[tuple, float | None]] = {}
+    columns: list[tuple] = []
     for row in sweep.rows:
         key = dict(row.key)
         column = tuple(key.get(k, "") for k in column_keys)
-        if column not in column_values:
-            column_values.append(column)
-        grid.setdefault(key.get(row_key, ""), {})[column] = row.mean(sweep.metric)
-    headline = LABELS.get(sweep.metric, sweep.metric)
-    titles = [" ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(column_keys, col)) for col in column_values]
-    lines = [f"| {row_key} | " + " | ".join(titles) + f" | mean {headline} |",
-             "|" + "---|" * (len(titles) + 2)]
+        if column not in columns:
+            columns.append(column)
+        cells.setdefault(key.get(row_key, ""), {})[column] = row.mean(sweep.metric)
     means = {}
-    for name, cells in grid.items():
-        values = [v for v in cells.values() if v is not None]
-        means[name] = statistics.fmean(values) if len(values) == len(column_values) else None
-    ordered = sorted(grid, key=lambda n: (means[n] is None, (means[n] or 0) * (1 if sweep.goal == "min" else -1)))
-    for name in ordered:
-        cells = [_fmt(grid[name].get(col)) for col in column_values]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(means[name])} |")
+    for name, values in cells.items():
+        present = [v for v in values.values() if v is not None]
+        means[name] = statistics.fmean(present) if len(present) == len(columns) else None
+    ordered = sorted(cells, key=lambda n: (means[n] is None, (means[n] or 0) * (1 if sweep.goal == "min" else -1)))
+    return PivotGrid(row_key, column_keys, columns, cells, means, ordered)
+
+
+def pivot_table(sweep: Sweep) -> str | None:
+    """The headline metric as a grid, plus each pivot row's mean over the grid (the ordering of the variants)."""
+    grid = pivot_grid(sweep)
+    if grid is None:
+        return None
+    headline = LABELS.get(sweep.metric, sweep.metric)
+    lines = [f"| {grid.row_key} | " + " | ".join(grid.titles()) + f" | mean {headline} |",
+             "|" + "---|" * (len(grid.columns) + 2)]
+    for name in grid.ordered:
+        cells = [_fmt(grid.cells[name].get(column)) for column in grid.columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(grid.means[name])} |")
     return "\n".join(lines)
+
+
+def plot_pivot(sweep: Sweep, grid: PivotGrid, path: Path) -> None:
+    """The pivot grid as a heatmap (rows best first, each cell annotated; blank where a run is missing or failed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = np.array([[np.nan if grid.cells[name].get(c) is None else grid.cells[name][c] for c in grid.columns]
+                       + [np.nan if grid.means[name] is None else grid.means[name]] for name in grid.ordered])
+    fig, axis = plt.subplots(figsize=(2.0 + 1.3 * values.shape[1], 1.2 + 0.32 * values.shape[0]))
+    cmap = plt.get_cmap("viridis" if sweep.goal == "max" else "viridis_r").copy()
+    cmap.set_bad("lightgrey")
+    image = axis.imshow(np.ma.masked_invalid(values), cmap=cmap, aspect="auto")
+    for (i, j), value in np.ndenumerate(values):
+        if not np.isnan(value):
+            axis.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=7,
+                      color="white" if image.norm(value) < 0.5 else "black")
+    headline = LABELS.get(sweep.metric, sweep.metric)
+    axis.set_xticks(range(values.shape[1]), grid.titles("\n") + [f"mean {headline}"], fontsize=7)
+    axis.set_yticks(range(values.shape[0]), grid.ordered, fontsize=7)
+    axis.axvline(len(grid.columns) - 0.5, color="white", lw=2)
+    fig.colorbar(image, ax=axis, label=f"{headline} ({'lower' if sweep.goal == 'min' else 'higher'} is better)")
+    axis.set_title(sweep.table, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def read_curve(job: Job, metric: str = "val/loss") -> tuple[list[int], list[float]]:
@@ -338,7 +389,8 @@ def plot_report(sweep: Sweep, path: Path) -> None:
 
 
 def write_report(directory: Path) -> tuple[Path, Path]:
-    """Write report.md and report.png into the multirun folder; returns their paths."""
+    """Write report.md and report.png (and report_grid.png, the heatmap of a ``sweep.pivot``) into the multirun
+    folder; returns the paths of report.md and report.png."""
     sweep = load_sweep(directory)
     counts = {s: sum(job.status == s for row in sweep.rows for job in row.jobs) for s in ("done", "failed", "missing")}
     parts = [f"# {sweep.table}", "",
@@ -348,7 +400,7 @@ def write_report(directory: Path) -> tuple[Path, Path]:
     pivot = pivot_table(sweep)
     if pivot:
         parts += ["", f"## {LABELS.get(sweep.metric, sweep.metric)} by {sweep.pivot.get('rows', 'attention')}", "",
-                  pivot]
+                  pivot, "", "![grid](report_grid.png)"]
     sources = sorted({str(r.get("source")) for r in sweep.references if r.get("source")})
     if sources:
         parts += ["", "Published values: " + "; ".join(sources) + "."]
@@ -357,6 +409,9 @@ def write_report(directory: Path) -> tuple[Path, Path]:
     markdown.write_text("\n".join(parts))
     figure = directory / "report.png"
     plot_report(sweep, figure)
+    grid = pivot_grid(sweep)
+    if grid is not None:
+        plot_pivot(sweep, grid, directory / "report_grid.png")
     return markdown, figure
 
 
