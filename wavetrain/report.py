@@ -278,11 +278,8 @@ def pivot_grid(sweep: Sweep) -> PivotGrid | None:
     return PivotGrid(row_key, column_keys, columns, cells, means, ordered)
 
 
-def pivot_table(sweep: Sweep) -> str | None:
+def pivot_table(sweep: Sweep, grid: PivotGrid) -> str:
     """The headline metric as a grid, plus each pivot row's mean over the grid (the ordering of the variants)."""
-    grid = pivot_grid(sweep)
-    if grid is None:
-        return None
     headline = LABELS.get(sweep.metric, sweep.metric)
     lines = [f"| {grid.row_key} | " + " | ".join(grid.titles()) + f" | mean {headline} |",
              "|" + "---|" * (len(grid.columns) + 2)]
@@ -397,10 +394,10 @@ def write_report(directory: Path) -> tuple[Path, Path]:
              f"Sweep `{sweep.name}`, folder `{sweep.directory}`: {sum(counts.values())} jobs — "
              f"{counts['done']} done, {counts['failed']} failed, {counts['missing']} missing. "
              f"Metrics are mean ± std over seeds; Δ = ours − published.", "", markdown_table(sweep)]
-    pivot = pivot_table(sweep)
-    if pivot:
-        parts += ["", f"## {LABELS.get(sweep.metric, sweep.metric)} by {sweep.pivot.get('rows', 'attention')}", "",
-                  pivot, "", "![grid](report_grid.png)"]
+    grid = pivot_grid(sweep)
+    if grid is not None:
+        parts += ["", f"## {LABELS.get(sweep.metric, sweep.metric)} by {grid.row_key}", "",
+                  pivot_table(sweep, grid), "", "![grid](report_grid.png)"]
     sources = sorted({str(r.get("source")) for r in sweep.references if r.get("source")})
     if sources:
         parts += ["", "Published values: " + "; ".join(sources) + "."]
@@ -409,7 +406,6 @@ def write_report(directory: Path) -> tuple[Path, Path]:
     markdown.write_text("\n".join(parts))
     figure = directory / "report.png"
     plot_report(sweep, figure)
-    grid = pivot_grid(sweep)
     if grid is not None:
         plot_pivot(sweep, grid, directory / "report_grid.png")
     return markdown, figure

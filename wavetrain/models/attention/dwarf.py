@@ -203,60 +203,60 @@ def _gathers(x: torch.Tensor) -> bool:
     return SPARSE_READS == "gather"
 
 
-def _gather_length(x: torch.Tensor, count: int) -> int:
-    # Tokens per chunk of the gathered reads: `count` blocks of R rows of B·H·C elements stay near
-    # GATHER_CHUNK_ELEMENTS on a CPU (in cache while they are multiplied); other devices take the whole sequence.
-    batch, n, heads, channels = x.shape
-    if x.device.type != "cpu":
-        return n
-    return max(1, min(n, GATHER_CHUNK_ELEMENTS // (count * batch * heads * channels)))
+def _block_reader(padded: torch.Tensor, shift: torch.Tensor, length: int) -> Callable[[int], torch.Tensor]:
+    # fetch(start) -> (S, length, *rest): rows shift[u] + start … + length − 1 of padded (R, *rest) for every u.  Each
+    # block is a contiguous window of the flat storage, so one index_select (block copies, no loop over u) reads all.
+    width = padded[0].numel()
+    windows = padded.view(-1).as_strided((padded.shape[0] - length + 1, length * width), (width, 1))
+
+    def fetch(start: int) -> torch.Tensor:
+        return windows.index_select(0, shift + start).view(len(shift), length, *padded.shape[1:])
+    return fetch
 
 
 def _offset_blocks(rows: torch.Tensor, offsets: list[int], length: int, ahead: bool
                    ) -> Callable[[int], torch.Tensor]:
     # fetch(start) -> (S, length, *rest): for every offset o_u, the `length` time-major rows from start − o_u (behind)
-    # or start + o_u (ahead) of rows (N, *rest), zero outside 0 … N − 1.  The rows are copied once into a zero-padded
-    # buffer; every block is then a contiguous window of its flat storage, so one index_select (block copies, no
-    # per-offset loop) gathers all S of them.
-    n, width = rows.shape[0], rows[0].numel()
-    reach = max(offsets)
+    # or start + o_u (ahead) of rows (N, *rest), zero outside 0 … N − 1 (rows copied once into a zero-padded buffer).
+    n, reach = rows.shape[0], max(offsets)
     before = 0 if ahead else reach
     padded = rows.new_zeros(before + n + reach + length, *rows.shape[1:])
     padded[before:before + n] = rows
-    windows = padded.view(-1).as_strided((padded.shape[0] - length + 1, length * width), (width, 1))
     shift = torch.tensor(offsets, device=rows.device) * (1 if ahead else -1) + before
-
-    def fetch(start: int) -> torch.Tensor:
-        return windows.index_select(0, shift + start).view(len(offsets), length, *rows.shape[1:])
-    return fetch
+    return _block_reader(padded, shift, length)
 
 
 def _column_blocks(weights: torch.Tensor, offsets: list[int], length: int) -> Callable[[int], torch.Tensor]:
     # fetch(start) -> (S, length, B, H): column u of weights (B, N, H, S) at tokens start + o_u …, zero beyond N − 1
-    # (the adjoint reads of _sum_ahead); one index_select over the columns laid end to end, each zero-padded.
+    # (the adjoint reads of _sum_ahead), from the columns laid end to end, each zero-padded.
     batch, n, heads, count = weights.shape
     span = n + max(offsets) + length
     columns = weights.new_zeros(count, span, batch, heads)
     columns[:, :n] = weights.permute(3, 1, 0, 2)
-    width = batch * heads
-    windows = columns.view(-1).as_strided((count * span - length + 1, length * width), (width, 1))
     shift = torch.arange(count, device=weights.device) * span + torch.tensor(offsets, device=weights.device)
+    return _block_reader(columns.view(count * span, batch, heads), shift, length)
 
-    def fetch(start: int) -> torch.Tensor:
-        return windows.index_select(0, shift + start).view(count, length, batch, heads)
-    return fetch
+
+def _own_columns(weights: torch.Tensor, length: int) -> Callable[[int], torch.Tensor]:
+    # fetch(start) -> (S, ≤ length, B, H): each token's own weights (B, N, H, S), offset-major (the behind reads).
+    columns = weights.permute(3, 1, 0, 2)
+    return lambda start: columns[:, start:start + length]
+
+
+def _gather_chunks(x: torch.Tensor, count: int) -> tuple[list[tuple[int, int]], int]:
+    # Token chunks of the gathered reads (count blocks of R rows stay near GATHER_CHUNK_ELEMENTS) and their length R.
+    chunks = _chunks(x, GATHER_CHUNK_ELEMENTS // count)
+    return chunks, chunks[0][1] - chunks[0][0]
 
 
 def _sparse_dots(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: tuple[int, ...]) -> None:
     # out[:, i, :, u] = a_i · b_{i − o_u} into out (B, N, H, S), zero where i < o_u.
-    n = a.shape[1]
     if _gathers(a):
-        length = _gather_length(a, len(offsets))
+        chunks, length = _gather_chunks(a, len(offsets))
         a_rows = a.transpose(0, 1)
         behind = _offset_blocks(b.transpose(0, 1), list(offsets), length, ahead=False)
         dots = a.new_empty(len(offsets), *a_rows.shape[:-1])
-        for start in range(0, n, length):
-            stop = min(start + length, n)
+        for start, stop in chunks:
             dots[:, start:stop] = (behind(start)[:, :stop - start] * a_rows[start:stop]).sum(-1)
         out.copy_(dots.permute(2, 1, 3, 0))
         return
@@ -273,16 +273,10 @@ def _sparse_sums(out: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, o
     # rows_{j + o_u}.  Rows outside 0 … N − 1 read zero.  out (B, N, H, C), weights (B, N, H, S).
     n = rows.shape[1]
     if _gathers(rows):
-        length = _gather_length(rows, len(offsets))
-        columns = weights.permute(3, 1, 0, 2)  # (S, N, B, H): behind, each token's own weights
-
-        def read_weights(start: int) -> torch.Tensor:
-            return columns[:, start:start + length]
-        if ahead:
-            read_weights = _column_blocks(weights, list(offsets), length)
+        chunks, length = _gather_chunks(rows, len(offsets))
+        read_weights = _column_blocks(weights, list(offsets), length) if ahead else _own_columns(weights, length)
         read_rows = _offset_blocks(rows.transpose(0, 1), list(offsets), length, ahead)
-        for start in range(0, n, length):
-            stop = min(start + length, n)
+        for start, stop in chunks:
             sums = (read_weights(start)[:, :stop - start, ..., None] * read_rows(start)[:, :stop - start]).sum(0)
             out[:, start:stop] += sums.transpose(0, 1)
         return
