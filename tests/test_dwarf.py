@@ -1,25 +1,50 @@
-"""DWARF attention family (wavetrain/models/attention/dwarf.py): spec dwarf.md §7 invariants T1–T9 per condition,
-fast path = naive reference in fp64 (outputs and gradients), init values, shapes and parameter counts."""
+"""DWARF attention family (wavetrain/models/attention/dwarf/): spec dwarf.md §7 invariants T1–T9 per condition,
+fast path = naive reference in fp64 (outputs and gradients), init values, shapes and parameter counts.
+
+Each condition is read from its config, conf/attention/dwarf_<condition>.yaml (the one place it is written)."""
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from causality import assert_causal, dependency_matrix, max_future_influence  # noqa: E402
 
-from wavetrain.models import field_ops  # noqa: E402
-from wavetrain.models.attention import dwarf as dw  # noqa: E402
-from wavetrain.models.lm import apply_init  # noqa: E402
+from wavetrain import compose_config  # noqa: E402
+from wavetrain.config import CONF_DIR  # noqa: E402
+from wavetrain.models import field_ops, shift_ops  # noqa: E402
+from wavetrain.models.attention.dwarf import common, dyadic, field, full  # noqa: E402
+from wavetrain.models.lm import apply_init, interference_blocks  # noqa: E402
 
-FIELD = [name for name, c in dw.CONDITIONS.items() if c["class"] is dw.DwarfFieldAttention]
-DYADIC = [name for name, c in dw.CONDITIONS.items() if c["class"] is dw.DwarfDyadicAttention]
-ALL = list(dw.CONDITIONS)
+
+@functools.lru_cache(maxsize=None)
+def condition_config(name: str) -> DictConfig:
+    """The composed config of ``attention=dwarf_<name>``; ``condM_full`` is condM's (its block 5 lives there)."""
+    return compose_config([f"attention=dwarf_{'condM' if name == 'condM_full' else name}"])
+
+
+def condition(name: str) -> tuple[type, dict]:
+    """(class, options) of a condition: its config's attention node (condM_full: condM's block-5 override)."""
+    cfg = condition_config(name)
+    node = cfg.model.layer_attention[-1] if name == "condM_full" else cfg.attention
+    options = OmegaConf.to_container(node, resolve=True)
+    return get_class(options.pop("_target_")), options
+
+
+CONDITION_FILES = {p.stem.removeprefix("dwarf_"): p for p in (CONF_DIR / "attention").glob("dwarf_cond*.yaml")}
+ALL = sorted(CONDITION_FILES) + ["condM_full"]
+# Sorted by their class without composing every config at collection: a field condition names its class in its own
+# file; every other config is a dyadic condition (condK_rp, condM inherit theirs) except condM's full block.
+FIELD = [name for name, path in sorted(CONDITION_FILES.items()) if "dwarf.field.DwarfFieldAttention" in path.read_text()]
+DYADIC = [name for name in sorted(CONDITION_FILES) if name not in FIELD]
 U24 = [0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072]
 O44 = sorted(set(range(33)) | {48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536})
 O74 = sorted(set(range(65)) | {96, 128, 192, 256, 384, 512, 768, 1024, 1536})
@@ -39,22 +64,21 @@ def build(name: str, dim: int = 32, heads: int = 4, seq_len: int = 80, std: floa
     """A condition at test size in fp64. Linear weights get a large std so scores and gates are far from their
     init-time near-constants (the invariants must hold for any weights); stretch-layout fields use G = 2·seq_len."""
     torch.manual_seed(0)
-    condition = dw.CONDITIONS[name]
-    options = dict(condition["options"], **override)
-    if condition["class"] is dw.DwarfFieldAttention and options.get("field_layout") == "stretch":
-        options.setdefault("field_size", 2 * seq_len)
-    module = condition["class"](dim=dim, n_heads=heads, seq_len=seq_len, layer_idx=layer_idx, n_layers=n_layers,
-                                **options)
+    cls, options = condition(name)
+    if cls is field.DwarfFieldAttention and options.get("field_layout") == "stretch":
+        options["field_size"] = 2 * seq_len
+    options.update(override)
+    module = cls(dim=dim, n_heads=heads, seq_len=seq_len, layer_idx=layer_idx, n_layers=n_layers, **options)
     shell_init(module, std)
     return module.double().eval()
 
 
 def reference(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if isinstance(module, dw.DwarfFieldAttention):
-        return dw.dwarf_field_reference(module, x)
-    if isinstance(module, dw.DwarfDyadicAttention):
-        return dw.dwarf_dyadic_reference(module, x)
-    return dw.dwarf_full_attention_reference(module, x)
+    if isinstance(module, field.DwarfFieldAttention):
+        return field.dwarf_field_reference(module, x)
+    if isinstance(module, dyadic.DwarfDyadicAttention):
+        return dyadic.dwarf_dyadic_reference(module, x)
+    return full.dwarf_full_attention_reference(module, x)
 
 
 def randn(*shape: int, seed: int = 1) -> torch.Tensor:
@@ -120,14 +144,6 @@ def test_fast_path_equals_reference_fp64_with_gradients(name):
         torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-11, msg=lambda m: f"{label}: {m}")
 
 
-def shifted_rows(b: torch.Tensor, offsets: list[int]) -> torch.Tensor:
-    """Naive stack of shifted rows: (B, N, H, C) -> (B, N, H, U, C), entry u of row i = b_{i − o_u}, zero for i < o_u."""
-    stack = torch.zeros(*b.shape[:3], len(offsets), b.shape[3], dtype=b.dtype)
-    for u, offset in enumerate(offsets):
-        stack[:, offset:, :, u] = b[:, :b.shape[1] - offset]
-    return stack
-
-
 @pytest.mark.parametrize("offsets", [U24, O44, [0, 1, 2, 3, 5, 9, 17, 33], list(range(20)) + [21, 40]],
                          ids=["U24", "O44_band", "sparse_only", "band_plus_far"])
 @pytest.mark.parametrize("chunks", ["one_chunk", "many_chunks"])
@@ -135,16 +151,16 @@ def shifted_rows(b: torch.Tensor, offsets: list[int]) -> torch.Tensor:
 def test_shifted_products_equal_naive_reads(offsets, chunks, reads, monkeypatch):
     """shifted_dot / shifted_sum (band windows + sparse gather or slices, spec §3 reads) equal the naive stack of
     shifted rows in fp64, forward and gradients, whether one chunk or many (offsets past N read zero rows)."""
-    monkeypatch.setattr(dw, "SPARSE_READS", reads)
+    monkeypatch.setattr(shift_ops, "SPARSE_READS", reads)
     if chunks == "many_chunks":
-        monkeypatch.setattr(dw, "SHIFT_CHUNK_ELEMENTS", 7 * 2 * 3 * 5)
-        monkeypatch.setattr(dw, "GATHER_CHUNK_ELEMENTS", 5 * 2 * 3 * 5 * len(offsets))
+        monkeypatch.setattr(shift_ops, "SHIFT_CHUNK_ELEMENTS", 7 * 2 * 3 * 5)
+        monkeypatch.setattr(shift_ops, "GATHER_CHUNK_ELEMENTS", 5 * 2 * 3 * 5 * len(offsets))
     n = 45
     offsets = [o for o in offsets if o < n]
     a, b = randn(2, n, 3, 5, seed=3).requires_grad_(True), randn(2, n, 3, 5, seed=4).requires_grad_(True)
     weights = randn(2, n, 3, len(offsets), seed=5).requires_grad_(True)
-    cases = [(dw.shifted_dot(a, b, offsets), torch.einsum("bnhc,bnhuc->bnhu", a, shifted_rows(b, offsets)), (a, b)),
-             (dw.shifted_sum(weights, b, offsets), torch.einsum("bnhu,bnhuc->bnhc", weights, shifted_rows(b, offsets)),
+    cases = [(shift_ops.shifted_dot(a, b, offsets), shift_ops.shifted_dot_reference(a, b, offsets), (a, b)),
+             (shift_ops.shifted_sum(weights, b, offsets), shift_ops.shifted_sum_reference(weights, b, offsets),
               (weights, b))]
     for fast, naive, inputs in cases:
         torch.testing.assert_close(fast, naive, rtol=1e-12, atol=1e-12)
@@ -157,7 +173,7 @@ def test_shifted_products_equal_naive_reads(offsets, chunks, reads, monkeypatch)
 @pytest.mark.parametrize("name", ["condA", "condB", "condC", "condD", "condF"])
 def test_field_kernels_match_spec_formula(name):
     module = build(name, seq_len=40)
-    torch.testing.assert_close(module.kernels(), dw.dwarf_field_kernel_reference(module), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(module.kernels(), field.dwarf_field_kernel_reference(module), rtol=1e-10, atol=1e-13)
     if not module.dispersion:
         assert torch.allclose(module.kernels().abs().sum(-1), torch.ones(4, dtype=torch.float64))
 
@@ -167,7 +183,7 @@ def test_dispersion_truncation_is_live_and_convolution_linear():
     conv of the kept kernel is the linear causal sum (no wrap)."""
     module = build("condB", seq_len=40)
     size = module.field_size
-    base = dw.DwarfFieldAttention(dim=32, n_heads=4, seq_len=40, field_size=size).double()
+    base = field.DwarfFieldAttention(dim=32, n_heads=4, seq_len=40, field_size=size).double()
     with torch.no_grad():
         for attr in ("wave_frequency", "wave_damping", "wave_phase"):
             getattr(base, attr).copy_(getattr(module, attr))
@@ -185,7 +201,7 @@ def test_dispersion_truncation_is_live_and_convolution_linear():
 def test_full_attention_matches_standard_sdpa_path():
     module = build("condM_full", seq_len=40)
     x = randn(2, 40, 32)
-    torch.testing.assert_close(module(x), dw.dwarf_full_attention_reference(module, x))
+    torch.testing.assert_close(module(x), full.dwarf_full_attention_reference(module, x))
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -205,7 +221,7 @@ def test_tap_plan_cache_is_bounded_and_length_independent():
     full = module(x)
     for n in range(1, 41):
         torch.testing.assert_close(module(x[:, :n]), full[:, :n])
-    assert len(module._plans) == dw.PLAN_CACHE_SIZE
+    assert len(module._plans) == dyadic.PLAN_CACHE_SIZE
 
 
 # ------------------------------------------------------------------------------------------------ T1 causality
@@ -259,7 +275,7 @@ def test_t1_reference_layout_of_e_f_leaks(name):
 def test_stretch_layout_is_the_spec_formula():
     """p_i = clamp(i·(G−1)/max(N−1, 1), 0, G−2) in fp32, lower = ⌊p⌋, frac = p − lower (spec §3.A step 3): at
     G = 4096, N = 2048 the last token is clamped to cell 4094 with fraction 0."""
-    module = dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=2048)
+    module = field.DwarfFieldAttention(dim=16, n_heads=2, seq_len=2048)
     for n in (2048, 1000, 1):
         lower, frac = module.layout(n)
         stride = torch.tensor((4096 - 1) / max(n - 1, 1), dtype=torch.float32)
@@ -267,7 +283,7 @@ def test_stretch_layout_is_the_spec_formula():
         assert torch.equal(lower, position.floor().long()) and torch.equal(frac, position - position.floor())
     lower, frac = module.layout(2048)
     assert int(lower[-1]) == 4094 and float(frac[-1]) == 0.0
-    stride1 = dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=2048, field_layout="stride1")
+    stride1 = field.DwarfFieldAttention(dim=16, n_heads=2, seq_len=2048, field_layout="stride1")
     lower, frac = stride1.layout(2048)
     assert torch.equal(lower, torch.arange(2048)) and (frac == 0).all() and stride1.field_size == 2049
 
@@ -276,9 +292,9 @@ def test_stretch_layout_is_the_spec_formula():
 def test_d4_tap_order_per_condition(name):
     """spec §6 D6: G, H, I put h_{3−τ} at offset τ·2^j (the code's reversal), J and K put h_τ there."""
     module = build(name, seq_len=64)
-    h = dw.D4_COEFFICIENTS
+    h = common.D4_COEFFICIENTS
     expected = h[::-1] if name in ("condG", "condH", "condI") else h
-    for slot, (scale, tap, offset) in enumerate(dw.dyadic_slots()):
+    for slot, (scale, tap, offset) in enumerate(dyadic.dyadic_slots()):
         assert module.slot_offsets[slot] == offset and module.slot_scales[slot] == scale
         assert module.slot_coefficients[slot] == expected[tap]
 
@@ -286,25 +302,25 @@ def test_d4_tap_order_per_condition(name):
 def test_field_size_auto_and_guards():
     """auto is G = 2·seq_len: the published 4096 at seq_len 2048, proportionally smaller or larger elsewhere
     (stride > 2 at every N); unsafe explicit sizes and over-long inputs raise."""
-    assert dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=2048).field_size == 4096
-    assert dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=64).field_size == 128
-    assert dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=2049).field_size == 4098
-    long_module = dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=16384)
+    assert field.DwarfFieldAttention(dim=16, n_heads=2, seq_len=2048).field_size == 4096
+    assert field.DwarfFieldAttention(dim=16, n_heads=2, seq_len=64).field_size == 128
+    assert field.DwarfFieldAttention(dim=16, n_heads=2, seq_len=2049).field_size == 4098
+    long_module = field.DwarfFieldAttention(dim=16, n_heads=2, seq_len=16384)
     assert long_module.field_size == 32768
     for n in (2, 3, 100, 8191, 8192, 12000, 16383, 16384):
         field_ops.check_field_causality(32768, n)
     with pytest.raises(ValueError, match="field_size=4096"):
-        dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=2049, field_size=4096)
+        field.DwarfFieldAttention(dim=16, n_heads=2, seq_len=2049, field_size=4096)
     module = build("condA", seq_len=40)
     with pytest.raises(ValueError, match="seq_len=40"):
         module(randn(1, 41, 32))
     with pytest.raises(ValueError, match="stride1"):
-        dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=64, field_layout="stride1", field_size=128)
+        field.DwarfFieldAttention(dim=16, n_heads=2, seq_len=64, field_layout="stride1", field_size=128)
 
 
 def test_stretch_layout_every_length_causal_for_auto_size():
     seq_len = 600
-    size = dw.DwarfFieldAttention(dim=16, n_heads=2, seq_len=seq_len).field_size
+    size = field.DwarfFieldAttention(dim=16, n_heads=2, seq_len=seq_len).field_size
     for n in range(1, seq_len + 1):
         field_ops.check_field_causality(size, n)
 
@@ -341,17 +357,17 @@ def test_t2_full_attention_reads_every_earlier_position():
 # ------------------------------------------------------------------------------------------------ T3 coverage
 
 def test_t3_dyadic_coverage():
-    slots = dw.dyadic_slots()
+    slots = dyadic.dyadic_slots()
     assert len(slots) == 44 and [4 * j + tau for j, tau, _ in slots] == list(range(44))
     offsets = [o for _, _, o in slots]
-    assert sorted(set(offsets)) == U24 == dw.dyadic_unique_offsets() and max(offsets) == 3072
+    assert sorted(set(offsets)) == U24 == dyadic.dyadic_unique_offsets() and max(offsets) == 3072
     counts = {o: offsets.count(o) for o in U24}
     assert counts[0] == 11 and counts[1] == 1 and counts[2048] == 1
     assert all(counts[2 ** m] == 2 for m in range(1, 11))
     assert all(counts[3 * 2 ** j] == 1 for j in range(11))
     assert sum(counts.values()) == 44
-    assert dw.dense_dyadic_offsets(32, 1536) == O44 and len(O44) == 44
-    assert dw.dense_dyadic_offsets(64, 1536) == O74 and len(O74) == 74
+    assert dyadic.dense_dyadic_offsets(32, 1536) == O44 and len(O44) == 44
+    assert dyadic.dense_dyadic_offsets(64, 1536) == O74 and len(O74) == 74
 
 
 # ------------------------------------------------------------------------------------------------ T4 normaliser
@@ -364,7 +380,7 @@ def test_t4_normaliser_positive(name):
             module.qkv.weight[:32].mul_(sign * 3.0)      # scale q: |q·k| in the tens, both signs
         x = torch.randn(2, 70, 32, generator=torch.Generator().manual_seed(3))
         _, normaliser = module.tap_weights(x)
-        q, k, _ = dw._split_heads(module.qkv, x, module.n_heads)
+        q, k, _ = common.split_heads(module.qkv, x, module.n_heads)
         assert (q @ k.transpose(-1, -2)).min() < -20
         assert (normaliser > 0).all()
         assert torch.isfinite(module(x)).all()
@@ -372,19 +388,19 @@ def test_t4_normaliser_positive(name):
 
 # ------------------------------------------------------------------------------------------------ T5 OPWF
 
-def _opwf(module: dw.DwarfDyadicAttention, x: torch.Tensor) -> torch.Tensor:
+def _opwf(module: dyadic.DwarfDyadicAttention, x: torch.Tensor) -> torch.Tensor:
     """q_i @ Σ_{j,τ} g_{i,j} h_τ (k_{i−o} ⊗ v_{i−o}) + Σ g h b_t v_{i−o} + β (q_i·k_i) v_i, outer products explicit."""
     batch, n, dim = x.shape
-    q, k, v = dw._split_heads(module.qkv, x, module.n_heads)
+    q, k, v = common.split_heads(module.qkv, x, module.n_heads)
     gains = (module.q_scale_proj(q) + module.scale_gain.t()[None, :, None, :]).softmax(-1)
     out = torch.zeros_like(v)
     for i in range(n):
         state = torch.zeros(batch, module.n_heads, module.head_dim, module.head_dim, dtype=x.dtype)
         bias_term = torch.zeros(batch, module.n_heads, module.head_dim, dtype=x.dtype)
-        for slot, (scale, tap, offset) in enumerate(dw.dyadic_slots()):
+        for slot, (scale, tap, offset) in enumerate(dyadic.dyadic_slots()):
             if offset > i:
                 continue
-            weight = gains[:, :, i, scale, None] * dw.D4_COEFFICIENTS[tap]
+            weight = gains[:, :, i, scale, None] * common.D4_COEFFICIENTS[tap]
             state = state + weight[..., None] * k[:, :, i - offset, :, None] * v[:, :, i - offset, None, :]
             if hasattr(module, "pos_bias"):
                 bias_term = bias_term + weight * module.pos_bias[slot][None, :, None] * v[:, :, i - offset]
@@ -515,8 +531,8 @@ SHAPES = {
 
 @pytest.mark.parametrize("name", ALL)
 def test_t8_shapes(name):
-    condition = dw.CONDITIONS[name]
-    module = condition["class"](dim=256, n_heads=8, seq_len=64, **condition["options"])
+    cls, options = condition(name)
+    module = cls(dim=256, n_heads=8, seq_len=64, **options)
     params = dict(module.named_parameters())
     for param, shape in SHAPES.get(name, {}).items():
         assert tuple(params[param].shape) == shape, param
@@ -544,8 +560,8 @@ MODEL_PARAMS = {"condA": 13_326_352, "condB": 13_326_400, "condC": 13_326_784, "
 
 
 def _count(name: str) -> int:
-    condition = dw.CONDITIONS[name]
-    module = condition["class"](dim=256, n_heads=8, seq_len=2048, **condition["options"])
+    cls, options = condition(name)
+    module = cls(dim=256, n_heads=8, seq_len=2048, **options)
     return sum(p.numel() for p in module.parameters())
 
 
@@ -556,11 +572,14 @@ def test_t9_attention_parameter_count(name):
 
 @pytest.mark.parametrize("name", list(MODEL_PARAMS))
 def test_t9_model_totals_from_building_blocks(name):
-    """The spec's 13M totals follow from these modules plus the shell blocks of CONDITION_SHELLS."""
-    shell = dw.CONDITION_SHELLS[name]
-    rows = 0 if shell["shell"] == "1.A" else 2050
-    blocks = [_count(shell.get("layer_attention", {}).get(b, name)) for b in range(6)]
-    total = 8_192_000 + rows * 256 + 512 + 6 * (1_024 + 525_568) + 132_096 * len(shell["pooling_blocks"])
+    """The spec's 13M totals follow from these modules plus the shell settings of each condition's config (position
+    rows, pooling blocks, the hybrid's block-5 attention)."""
+    shell = condition_config(name).model
+    rows = 0 if shell.position == "none" else 2050
+    pooling_blocks = interference_blocks(shell.interference, 6) if shell.get("interference") else []
+    full_blocks = {int(block) % 6 for block in shell.get("layer_attention") or {}}
+    blocks = [_count("condM_full" if b in full_blocks else name) for b in range(6)]
+    total = 8_192_000 + rows * 256 + 512 + 6 * (1_024 + 525_568) + 132_096 * len(pooling_blocks)
     assert total + sum(blocks) == MODEL_PARAMS[name]
 
 
@@ -569,10 +588,9 @@ def test_t9_model_totals_from_building_blocks(name):
 @pytest.mark.parametrize("name", ["condA", "condB", "condD", "condE", "condH", "condK", "condL", "condP",
                                   "condM_full"])
 def test_bf16_autocast_close_to_fp32(name):
-    condition = dw.CONDITIONS[name]
-    options = dict(condition["options"])
+    cls, options = condition(name)
     torch.manual_seed(0)
-    module = condition["class"](dim=32, n_heads=4, seq_len=64, **options).eval()
+    module = cls(dim=32, n_heads=4, seq_len=64, **options).eval()
     x = torch.randn(2, 64, 32)
     reference_out = module(x)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
@@ -593,13 +611,13 @@ def test_bf16_autocast_close_to_fp32(name):
 ])
 def test_invalid_dyadic_options_raise(options, message):
     with pytest.raises(ValueError, match=message):
-        dw.DwarfDyadicAttention(dim=32, n_heads=4, seq_len=64, **options)
+        dyadic.DwarfDyadicAttention(dim=32, n_heads=4, seq_len=64, **options)
 
 
 def test_conditions_are_complete():
+    """Every published condition has its config (spec §3, §4)."""
     expected = {f"cond{c}" for c in "ABCDEFGHIJKLMNP"} | {"condK_rp", "condL_rp", "condM_full"}
-    assert set(dw.CONDITIONS) == expected
-    assert set(dw.CONDITION_SHELLS) == expected - {"condM_full"}
+    assert expected <= set(ALL)
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -638,25 +656,38 @@ def test_dwarf_plots_main_writes_every_figure(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ Hydra configs
 
+def test_condition_classes():
+    assert all(condition(name)[0] is field.DwarfFieldAttention for name in FIELD)
+    assert all(condition(name)[0] is dyadic.DwarfDyadicAttention for name in DYADIC)
+    assert condition("condM_full")[0] is full.DwarfFullAttention
+
+
 @pytest.mark.parametrize("name", ALL)
-def test_attention_yaml_matches_conditions(name):
-    """conf/attention/dwarf_<name>.yaml's attention node = CONDITIONS[name] (other options at their defaults) and instantiates."""
+def test_condition_configs_instantiate(name):
+    """conf/attention/dwarf_<name>.yaml instantiates through Hydra at the 13M shape with the spec's parameter count,
+    and names every option of its class (no option left to a silent Python default)."""
     import inspect
 
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "attention"
-    if name == "condM_full":  # the hybrid's full-attention block lives inside dwarf_condM.yaml (spec §3.M)
-        cfg = OmegaConf.load(conf / "dwarf_condM.yaml").model.layer_attention[-1]
-    else:
-        cfg = OmegaConf.load(conf / f"dwarf_{name}.yaml").attention
-    condition = dw.CONDITIONS[name]
-    cls = condition["class"]
-    assert cfg._target_ == f"{cls.__module__}.{cls.__qualname__}"
-    defaults = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in {**defaults, **condition["options"]}.items()}
-    assert OmegaConf.to_container(cfg) == {"_target_": cfg._target_, **expected}
-    module = instantiate(cfg, dim=256, n_heads=8, seq_len=2048)
+    cls, options = condition(name)
+    keyword_only = {p.name for p in inspect.signature(cls.__init__).parameters.values()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert set(options) == keyword_only
+    cfg = condition_config(name)
+    node = cfg.model.layer_attention[-1] if name == "condM_full" else cfg.attention
+    module = instantiate(node, dim=256, n_heads=8, seq_len=2048)
     assert sum(p.numel() for p in module.parameters()) == ATTENTION_PARAMS[name]
+
+
+@pytest.mark.parametrize("target", ["wavetrain.models.attention.dwarf.DwarfFieldAttention",
+                                    "wavetrain.models.attention.dwarf.DwarfDyadicAttention",
+                                    "wavetrain.models.attention.dwarf.DwarfFullAttention"])
+def test_pre_package_targets_still_resolve(target):
+    """Checkpoints store the composed config, whose _target_ named the classes in the former dwarf.py module: those
+    paths still instantiate the same classes (load_model rebuilds the model from them)."""
+    from hydra.utils import instantiate
+
+    module = instantiate({"_target_": target}, dim=32, n_heads=4, seq_len=64)
+    assert type(module).__name__ == target.rsplit(".", 1)[1]
+    assert type(module).__module__.startswith("wavetrain.models.attention.dwarf.")

@@ -23,7 +23,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
-from wavetrain.models.attention.dwarf import DYADIC_SCALES, DwarfDyadicAttention, DwarfFieldAttention
+from wavetrain.models.attention.dwarf import DwarfDyadicAttention, DwarfFieldAttention
+from wavetrain.models.attention.dwarf.dyadic import DYADIC_SCALES
 
 KERNEL_LAGS = 256   # field cells shown on the linear kernel panel
 
