@@ -36,7 +36,8 @@ def test_every_attention_builds_at_tiny_scale_and_odd_length(attention: str) -> 
 def test_default_config_contract() -> None:
     cfg = compose_config([])
     assert cfg.run.choices == {"attention": "standard", "scale": "small", "data": "shakespeare",
-                               "tokenizer": "char", "optim": "adamw", "trainer": "default", "logger": "csv"}
+                               "tokenizer": "char", "optim": "adamw", "trainer": "default", "logger": "csv",
+                               "experiment": None}
     assert {"seed", "seq_len"} <= set(cfg.keys())
     for key in ("d_model", "n_layers", "n_heads", "ffn_dim", "dropout"):
         assert key in cfg.scale

@@ -34,11 +34,13 @@ STREAM = "data.source.streaming=true"
 SHAKESPEARE_PARAGRAPHS = ["data=shakespeare", "+data.source.document_unit=paragraph", "data.packing=documents",
                           "data.doc_separator=none"]
 # spec §3 table: (attention preset, scale preset) -> parameters
-PUBLISHED_PARAMETERS = {("wavefield_g1024", "6m"): 5_989_522, ("standard_encoder", "6m"): 5_034_240,
-                        ("wavefield_g1024", "6m_bpe8k"): 7_775_378, ("standard_encoder", "6m_bpe8k"): 6_852_864}
+PUBLISHED_PARAMETERS = {("wavefield", "6m"): 5_989_522, ("standard_encoder", "6m"): 5_034_240,
+                        ("wavefield", "6m_bpe8k"): 7_775_378, ("standard_encoder", "6m_bpe8k"): 6_852_864}
 # spec §4 / §8: test PPL and accuracy of the four rows
-PUBLISHED_RESULTS = {("standard_encoder", "6m"): (5.9, 0.510), ("wavefield_g1024", "6m"): (6.2, 0.505),
-                     ("standard_encoder", "6m_bpe8k"): (91.4, 0.262), ("wavefield_g1024", "6m_bpe8k"): (170.7, 0.187)}
+PUBLISHED_RESULTS = {("standard_encoder", "6m"): (5.9, 0.510), ("wavefield", "6m"): (6.2, 0.505),
+                     ("standard_encoder", "6m_bpe8k"): (91.4, 0.262), ("wavefield", "6m_bpe8k"): (170.7, 0.187)}
+# the experiment of each published protocol -> the scale preset carrying its tokenizer and T (spec §4, §8)
+EXPERIMENT_SCALE = {"wavefield_wt2": "6m", "wavefield_wt2_bpe8k": "6m_bpe8k"}
 
 
 def _raw_lines(path: Path) -> list[str]:
@@ -233,15 +235,15 @@ def test_published_presets_have_the_exact_parameter_counts(attention: str, scale
     assert count_parameters(model) == PUBLISHED_PARAMETERS[(attention, scale)]
     wave, standard = _formula_counts(cfg.tokenizer.vocab_size, cfg.model.position_rows)
     assert count_parameters(model) == (wave if attention.startswith("wavefield") else standard)
-    if attention == "wavefield_g1024":
+    if attention == "wavefield":  # the published field G = 1024 is the default where it is causal
         strides = {block.attention.field_stride for block in model.blocks}
         assert strides == {1023 / cfg.seq_len} and model.blocks[0].attention.field_size == 1024
         assert [i for i, block in enumerate(model.blocks) if block.interference is not None] == [2, 5]
 
 
 def test_plain_mechanisms_at_6m_have_the_same_counts() -> None:
-    # the field size changes the stride, not the parameters: attention=wavefield (auto G) counts the same
-    wave = build_model(compose_config(["attention=wavefield", "scale=6m"]))
+    # the field size changes the stride, not the parameters: the smallest causal field (auto G) counts the same
+    wave = build_model(compose_config(["attention=wavefield", "attention.field_size=auto", "scale=6m"]))
     assert count_parameters(wave) == 5_989_522 and wave.blocks[0].attention.field_stride == 1.0
     assert count_parameters(build_model(compose_config(["attention=standard", "scale=6m"]))) == 5_034_240
 
@@ -306,10 +308,11 @@ def test_sweep_rows_are_the_published_models_with_the_published_budget() -> None
     rows = {}
     for job in jobs:
         pairs = dict(item.split("=", 1) for item in job if not item.startswith("+"))
-        rows[(pairs["attention"], pairs["scale"])] = job
+        rows[(pairs["attention"], EXPERIMENT_SCALE[pairs["experiment"]])] = job
     assert sorted(rows) == sorted(PUBLISHED_PARAMETERS) and len(jobs) == 4
     for (attention, scale), job in rows.items():
         cfg = compose_config(list(job))
+        assert cfg.run.choices["scale"] == scale
         assert count_parameters(build_model(cfg)) == PUBLISHED_PARAMETERS[(attention, scale)]
         assert cfg.data.name == "wikitext2" and cfg.run.epochs == 30 and cfg.run.test
         optim = cfg.optim
@@ -321,7 +324,8 @@ def test_sweep_rows_are_the_published_models_with_the_published_budget() -> None
     reference = OmegaConf.load(SWEEPS_DIR / "wavefield_wikitext2.yaml").reference
     published = {}
     for entry in reference:
-        published.setdefault((entry.match.attention, entry.match.scale), {})[entry.metric] = entry.value
+        row = (entry.match.attention, EXPERIMENT_SCALE[entry.match.experiment])
+        published.setdefault(row, {})[entry.metric] = entry.value
     assert published == {row: {"test_ppl_batch_mean": ppl, "test_acc": acc}
                          for row, (ppl, acc) in PUBLISHED_RESULTS.items()}
 
@@ -333,7 +337,7 @@ def test_diagnostics_command_on_a_trained_checkpoint(tmp_path: Path) -> None:
     tiny_run = ["scale=tiny", "scale.n_layers=3", "seq_len=32", "data.batch_size=8", "data.val_windows=8",
                 "optim.warmup_steps=1", "trainer.max_steps=4", "trainer.val_check_interval=2",
                 "trainer.precision=32-true", "trainer.enable_progress_bar=false"]
-    train(compose_config(["attention=wavefield_g1024", *tiny_run]), run_dir=tmp_path / "run")  # FIM after block 3
+    train(compose_config(["attention=wavefield", *tiny_run]), run_dir=tmp_path / "run")  # FIM after block 3
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
     model, _ = load_model(checkpoint)
     frequencies = model.blocks[0].attention.wave_frequency

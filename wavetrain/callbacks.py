@@ -100,7 +100,9 @@ class RunSummary(L.Callback):
             "val_ppl": metrics.get("val/ppl"),
             "val_acc": metrics.get("val/acc"),
             "val_loss_batch_mean": metrics.get("val/loss_batch_mean"),
-            "best_val_loss": float(best) if best is not None else None,
+            # the best value of run.checkpoint_metric: best_val_loss by default, best_val_acc for val/acc, ...
+            f"best_{self.checkpoints.monitor.replace('/', '_')}": float(best) if best is not None else None,
+            "checkpoint_metric": self.checkpoints.monitor,
             "best_checkpoint": self.checkpoints.best_model_path or None,
             "steps": trainer.global_step,
             "tokens_per_sec": self.throughput.mean_tokens_per_sec(),

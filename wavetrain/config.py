@@ -20,7 +20,7 @@ if not OmegaConf.has_resolver("div"):
     OmegaConf.register_new_resolver("div", lambda a, b: int(a) // int(b))
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("attention", "scale", "data", "tokenizer", "optim", "trainer", "logger")
+GROUPS = ("attention", "scale", "data", "tokenizer", "optim", "trainer", "logger", "experiment")
 LOGGER_KINDS = ("csv", "tensorboard", "wandb")
 NONFINITE_MODES = ("stop", "skip")
 _PROCESS_TOKEN = os.urandom(3).hex()  # one per process: run directories started in the same second stay apart
@@ -165,6 +165,11 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.run.get("epochs") is not None:
         _positive(cfg, "run.epochs", cfg.run.epochs)
     _positive(cfg, "run.checkpoint_every_n_steps", cfg.run.get("checkpoint_every_n_steps", 1))
+    _one_of("run.checkpoint_mode", cfg.run.get("checkpoint_mode", "min"), ("min", "max"))
+    metric = str(cfg.run.get("checkpoint_metric", "val/loss"))
+    if not metric.startswith("val/"):
+        raise ConfigError(f"run.checkpoint_metric={metric} must be a validation metric (val/loss, val/loss_batch_mean, "
+                          f"val/ppl, val/acc): the best checkpoint is chosen on held-out data")
     _one_of("run.on_nonfinite", cfg.run.get("on_nonfinite", "stop"), NONFINITE_MODES)
     _non_negative("run.max_nonfinite_skips", cfg.run.get("max_nonfinite_skips", 0))
     if cfg.run.get("passkey"):
@@ -286,7 +291,8 @@ def _check_group_choices(overrides, origin: str) -> tuple[list[str], list[tuple[
                     raise ConfigError(f"{key}={value}{origin} is not an option of the {key} group: choose one of "
                                       f"{', '.join(valid)} (the files of conf/{key}/)"
                                       + (f"; did you mean {key}={close[0]}?" if close else ""))
-        if key not in GROUPS and override.type == OverrideType.CHANGE and "/" not in key:
+        if key not in GROUPS and override.type == OverrideType.CHANGE and "/" not in key \
+                and not (CONF_DIR / key).is_dir():  # another group (wda_ablation=...) is a choice, not a key
             plain.append((key, values[0] if values else "", origin))
         elif override.type in (OverrideType.CHANGE, OverrideType.ADD, OverrideType.FORCE_ADD) and values:
             prefix = {OverrideType.ADD: "+", OverrideType.FORCE_ADD: "++"}.get(override.type, "")

@@ -67,7 +67,8 @@ def list_jobs(overrides: Sequence[str], validate: bool = True) -> list[list[str]
         if not sweeper_target.endswith("BasicSweeper"):
             raise ConfigError(f"hydra.sweeper={sweeper_target} is not Hydra's basic sweeper: the dry run lists "
                               f"basic-sweeper grids only")
-        params = OmegaConf.to_container(master.hydra.sweeper.params or {}, resolve=True)
+        params = master.hydra.sweeper.params  # None or empty for a single run (no sweep file)
+        params = OmegaConf.to_container(params, resolve=True) if params else {}
         arguments = [f"{key}={value}" for key, value in params.items()]
         arguments += OmegaConf.to_container(master.hydra.overrides.task, resolve=False)
         parsed = OverridesParser.create(config_loader=hydra.config_loader).parse_overrides(arguments)

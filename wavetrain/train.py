@@ -185,7 +185,8 @@ def _fit(cfg: DictConfig, run_dir: Path, data: L.LightningDataModule, vocab_size
     task = LanguageModelTask(OmegaConf.to_container(cfg, resolve=True), vocab_size)
     log.info("model: %s parameters, vocabulary %d", f"{task.n_parameters:,}", vocab_size)
     checkpoints = ModelCheckpoint(dirpath=str(run_dir / CHECKPOINT_DIR), filename="best-step{step}",
-                                  monitor="val/loss", mode="min", save_top_k=1, save_last=False,
+                                  monitor=str(cfg.run.get("checkpoint_metric", "val/loss")),
+                                  mode=str(cfg.run.get("checkpoint_mode", "min")), save_top_k=1, save_last=False,
                                   auto_insert_metric_name=False)
     step_checkpoints = StepCheckpoint(run_dir / CHECKPOINT_DIR, int(cfg.run.checkpoint_every_n_steps), signals)
     guard = NonFiniteGuard(str(cfg.run.on_nonfinite), step_checkpoints, int(cfg.run.max_nonfinite_skips))

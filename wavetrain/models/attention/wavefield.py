@@ -14,6 +14,7 @@ position the module accepts (N ≤ seq_len) at construction (spec §7).
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -30,6 +31,20 @@ from wavetrain.models.field_ops import (
     field_stride,
 )
 
+log = logging.getLogger(__name__)
+
+PUBLISHED_FIELD_SIZE = 1024  # G of every published V3.5 configuration (spec wavefield.md §3, §8)
+
+
+def published_field_size(max_seq_len: int, n_positions: int) -> int:
+    """``field_size="published"``: the published G = 1024 where its bilinear layout is causal for M = ``max_seq_len``
+    (spec §7: stride 1023/(M−1), causal up to T = 511 and at a few longer lengths), else the smallest causal G."""
+    try:
+        check_field_causality(PUBLISHED_FIELD_SIZE, max_seq_len, n_positions=n_positions)
+    except ValueError:
+        return auto_field_size(max_seq_len, n_positions=n_positions)
+    return PUBLISHED_FIELD_SIZE
+
 
 def _field_dtype(x: torch.Tensor) -> torch.dtype:
     # The field path runs in fp32 even under bf16/fp16 autocast (spec §2.2 step 5); fp64 stays fp64 for the tests.
@@ -40,9 +55,10 @@ class WaveFieldAttention(nn.Module):
     """Wave Field V3.5 mixing layer (spec wavefield.md §2).  Maps (B, N, D) -> (B, N, D), strictly causal.
 
     Options (keyword-only):
-    - ``field_size``: number of field cells G, or ``"auto"`` for the smallest causal G (= seq_len + 1, stride 1).
-      An explicit value is checked with :func:`check_field_causality` (ValueError naming the fix if it leaks).
-      The published configs use 1024 (char seq_len 128: s = 7.99; BPE seq_len 256: s = 3.996).
+    - ``field_size``: number of field cells G; ``"published"`` for the published G = 1024 (char seq_len 128:
+      s = 7.99; BPE seq_len 256: s = 3.996) wherever it is causal at this seq_len and the smallest causal G
+      otherwise (logged once per model); ``"auto"`` for the smallest causal G (= seq_len + 1, stride 1).  An
+      explicit value is checked with :func:`check_field_causality` (ValueError naming the fix if it leaks).
     - ``gate_bias_init``: gate bias after the model-level init pass (spec §1 discrepancy, §9.1): 0.0 is what the
       reference actually ran (its init pass zeroes the bias; recommended), 2.0 the documented intent.
 
@@ -62,12 +78,16 @@ class WaveFieldAttention(nn.Module):
         self.seq_len = seq_len
         self.layer_idx = layer_idx
         self.max_seq_len = seq_len + 1  # M = T + 1, spec §3/§4
-        if field_size == "auto":
-            field_size = auto_field_size(self.max_seq_len, n_positions=seq_len)
-        elif isinstance(field_size, bool) or not isinstance(field_size, int):
-            raise ValueError(f"field_size={field_size!r}: use a positive integer or 'auto'")
-        else:
-            check_field_causality(field_size, self.max_seq_len, setting="field_size", n_positions=seq_len)
+        requested = field_size
+        with torch.device("cpu"):  # the layout is checked on real positions, also when the model is built on "meta"
+            if field_size == "published":
+                field_size = published_field_size(self.max_seq_len, seq_len)
+            elif field_size == "auto":
+                field_size = auto_field_size(self.max_seq_len, n_positions=seq_len)
+            elif isinstance(field_size, bool) or not isinstance(field_size, int):
+                raise ValueError(f"field_size={field_size!r}: use a positive integer, 'published' or 'auto'")
+            else:
+                check_field_causality(field_size, self.max_seq_len, setting="field_size", n_positions=seq_len)
         self.field_size = field_size
         # A Python float, not a buffer: module.double()/.half() must never alter the fp32 layout the guard verified.
         self.field_stride = field_stride(field_size, self.max_seq_len)
@@ -81,6 +101,12 @@ class WaveFieldAttention(nn.Module):
         self.wave_phase = nn.Parameter(torch.linspace(0.0, math.pi, n_heads))
         self.field_coupling = nn.Parameter(torch.eye(n_heads) + 0.01 * torch.randn(n_heads, n_heads))
         self.post_init()
+        if requested == "published" and field_size != PUBLISHED_FIELD_SIZE and layer_idx == 0 \
+                and not self.wave_phase.is_meta:  # once per model, not for the config check's meta-device build
+            log.info("attention=wavefield: the published field G = %d is not causal at seq_len = %d (stride %.4g "
+                     "cells/token, spec wavefield.md §7); using the smallest causal field G = %d (stride %.4g)",
+                     PUBLISHED_FIELD_SIZE, seq_len, field_stride(PUBLISHED_FIELD_SIZE, self.max_seq_len), field_size,
+                     self.field_stride)
 
     def post_init(self) -> None:
         """Set the gate bias after the model-level init pass, which would otherwise zero it (spec §1, §9.1)."""
