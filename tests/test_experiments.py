@@ -227,3 +227,40 @@ def test_every_sweep_with_published_values_runs_a_protocol() -> None:
         raw = OmegaConf.load(SWEEPS_DIR / f"{name}.yaml")
         if raw.get("reference"):
             assert name in SWEEP_EXPERIMENTS, f"sweeps/{name}.yaml has published values but no experiment"
+
+
+@pytest.fixture(scope="module")
+def tiny_mqar_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A few steps of experiment=mqar (best checkpoint on accuracy) with a test split: its results.json."""
+    from wavetrain.train import train
+
+    run_dir = tmp_path_factory.mktemp("mqar") / "run"
+    cfg = compose_config(["experiment=mqar", "seq_len=32", "data.num_kv_pairs=2", "data.train_examples=256",
+                          "data.val_examples=32", "data.test_examples=32", "run.test=true", "trainer.max_steps=6",
+                          "trainer.val_check_interval=2", "optim.warmup_steps=1"])
+    results = train(cfg, run_dir=run_dir)
+    return {"results": results, "run_dir": run_dir}
+
+
+@pytest.mark.slow
+def test_checkpoint_metric_picks_the_best_checkpoint_on_accuracy(tiny_mqar_run: dict) -> None:
+    import csv
+
+    results = tiny_mqar_run["results"]
+    assert results["checkpoint_metric"] == "val/acc" and "best_val_loss" not in results
+    with open(tiny_mqar_run["run_dir"] / "logs" / "metrics.csv", newline="") as handle:
+        accuracies = [float(r["val/acc"]) for r in csv.DictReader(handle) if r.get("val/acc")]
+    assert len(accuracies) == 3 and results["best_val_acc"] == pytest.approx(max(accuracies))
+
+
+@pytest.mark.slow
+def test_every_report_key_of_every_sweep_is_a_results_key(tiny_mqar_run: dict) -> None:
+    """sweep.metric, sweep.columns and every reference metric name a results.json key (an empty column otherwise)."""
+    produced = set(tiny_mqar_run["results"])
+    assert {"val_loss", "val_acc", "test_ppl_batch_mean", "test_acc", "best_val_acc", "n_parameters"} <= produced
+    known = produced | {"best_val_loss"}  # run.checkpoint_metric=val/loss (the default) writes best_val_loss
+    known |= {"passkey_acc", "passkey_baseline", "passkey_distances"}  # run.passkey (wavetrain/eval/passkey.py)
+    for name in sweep_names():
+        raw = OmegaConf.load(SWEEPS_DIR / f"{name}.yaml")
+        keys = {raw.sweep.metric, *(raw.sweep.get("columns") or []), *(r.metric for r in raw.get("reference") or [])}
+        assert keys <= known, f"sweeps/{name}.yaml names {sorted(keys - known)}, which no results.json holds"

@@ -53,7 +53,32 @@ def test_tiny_sweep_end_to_end_with_failed_rows_wandb_groups_and_report(tmp_path
     assert "| `attention=standard scale.n_heads=2` | 1 |" in markdown
     assert "failed: ConfigError: scale.d_model=32 is not divisible by scale.n_heads=3" in markdown
     assert "4 jobs — 2 done, 2 failed, 0 missing" in markdown
+    # the header says what ran: the budget actually trained and the shared overrides, not the file's 60 steps
+    assert "60 steps" not in markdown and "Budget run: 6 optimiser steps per job (trainer.max_steps=6;" in markdown
+    assert "trainer.max_steps=6 trainer.val_check_interval=3" in markdown.split("Shared overrides:")[1].split("\n")[0]
     assert (launch / "report.png").read_bytes()[:8] == PNG_MAGIC
+
+
+PROTOCOL = {"name": "demo_protocol", "source": "Paper §2", "keys": ["data", "seq_len", "trainer.max_steps"],
+            "locations": ["data.path"],
+            "departures": [{"when": {"attention": "b"}, "what": "row b runs a causal variant of the published b"},
+                           {"when": {"attention.flag": "on"}, "what": "the flag is on"}]}
+
+
+def _write_master(root: Path, task: list[str], columns: list[str] | None = None, max_steps: int = 5,
+                  seq_len: int = 64) -> None:
+    """multirun.yaml as Hydra writes it: the composed config with the command-line overrides (``task``) applied."""
+    sweep = {"name": "demo", "table": "Demo table", "metric": "val_ppl", "goal": "min", "seeds": [1, 2]}
+    OmegaConf.save(OmegaConf.create({
+        "sweep": sweep if columns is None else {**sweep, "columns": columns},
+        "protocol": PROTOCOL, "seq_len": seq_len, "trainer": {"max_steps": max_steps, "accumulate_grad_batches": 2},
+        "data": {"batch_size": 16}, "run": {"epochs": None}, "attention": {"flag": "off"},
+        "reference": [{"match": {"attention": "a"}, "metric": "val_ppl", "value": 10.0, "source": "Paper T1"},
+                      {"match": {"attention": "b"}, "metric": "val_acc", "value": 0.5, "source": "Paper T2"},
+                      {"match": {"attention": "a"}, "metric": "val_loss", "value": 2.0, "source": "Paper T3",
+                       "protocol": "older_protocol"}],
+        "hydra": {"sweeper": {"params": {"attention": "a,b,c", "seed": "1,2"}}, "overrides": {"task": task},
+                  "runtime": {"choices": {"attention": "a"}}}}), root / "multirun.yaml")
 
 
 def _write_job(root: Path, number: int, overrides: list[str], results: dict | None,
@@ -74,19 +99,14 @@ def hand_built_multirun(tmp_path: Path) -> Path:
     """Rows a (2 seeds done), b (1 failed, 1 running), c (never launched); references on a and b."""
     root = tmp_path / "multirun" / "demo" / "2025-01-01_00-00-00"
     root.mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create({
-        "sweep": {"name": "demo", "table": "Demo table", "metric": "val_ppl", "goal": "min", "seeds": [1, 2]},
-        "reference": [{"match": {"attention": "a"}, "metric": "val_ppl", "value": 10.0, "source": "Paper T1"},
-                      {"match": {"attention": "b"}, "metric": "val_acc", "value": 0.5, "source": "Paper T2"}],
-        "hydra": {"sweeper": {"params": {"attention": "a,b,c", "seed": "1,2"}},
-                  "overrides": {"task": ["+sweep=demo", "trainer.max_steps=5"]}}}), root / "multirun.yaml")
-    common = ["+sweep=demo", "trainer.max_steps=5"]
+    _write_master(root, ["+sweep=demo", "data.path=/local/copy"])
+    common = ["+sweep=demo", "data.path=/local/copy"]
     _write_job(root, 0, ["attention=a", "seed=1", *common],
-               {"status": "done", "val_ppl": 11.0, "val_loss": 2.4, "val_acc": 0.4, "n_parameters": 1000},
-               [3.0, 2.6, 2.4])
+               {"status": "done", "val_ppl": 11.0, "val_loss": 2.4, "val_acc": 0.4, "n_parameters": 1000,
+                "steps": 5}, [3.0, 2.6, 2.4])
     _write_job(root, 1, ["attention=a", "seed=2", *common],
-               {"status": "done", "val_ppl": 13.0, "val_loss": 2.6, "val_acc": 0.3, "n_parameters": 1000},
-               [3.1, 2.8, 2.6])
+               {"status": "done", "val_ppl": 13.0, "val_loss": 2.6, "val_acc": 0.3, "n_parameters": 1000,
+                "steps": 5}, [3.1, 2.8, 2.6])
     _write_job(root, 2, ["attention=b", "seed=1", *common],
                {"status": "failed", "error": "RuntimeError: out of memory"})
     _write_job(root, 3, ["attention=b", "seed=2", *common], None, [3.2])
@@ -101,16 +121,53 @@ def test_rows_seeds_references_and_missing_jobs(hand_built_multirun: Path) -> No
     assert a.mean("val_ppl") == 12.0 and a.status() == "done 2/2"
     assert b.status() == "failed 1/2: RuntimeError: out of memory; missing 1/2"
     assert c.status() == "missing 2/2" and c.mean("val_ppl") is None
-    assert [r["source"] for r in a.references] == ["Paper T1"] and b.references[0]["metric"] == "val_acc"
+    assert [r["source"] for r in a.references] == ["Paper T1", "Paper T3"] and b.references[0]["metric"] == "val_acc"
 
     assert report_main([str(hand_built_multirun)]) == 0
     markdown = (hand_built_multirun / "report.md").read_text()
     std = statistics.stdev([11.0, 13.0])
-    assert f"| `attention=a` | 2 | 12 ± {std:.2g} | 10 | +2 |" in markdown
+    assert f"| `attention=a` | 2 | 12 ± {std:.2g} | 10; 2 (val loss) | +2; not comparable (val loss): published " \
+           f"under older_protocol, this row ran demo_protocol |" in markdown
     assert "| `attention=b` | 2 | — | 0.5 (val acc) | — |" in markdown
     assert "| `attention=c` | 2 | — | — | — |" in markdown and "missing 2/2 |" in markdown
-    assert "6 jobs — 2 done, 1 failed, 3 missing" in markdown and "Paper T1; Paper T2" in markdown
+    assert "6 jobs — 2 done, 1 failed, 3 missing" in markdown and "Paper T1; Paper T2; Paper T3" in markdown
+    assert "Protocol: `experiment=demo_protocol` (Paper §2)." in markdown
+    assert "Shared overrides: `data.path=/local/copy`." in markdown  # where the data lives: still comparable
+    assert "Budget run: 5 optimiser steps per job (trainer.max_steps=5; 16 × 2 sequences of ≤ 64 tokens" in markdown
+    assert "- row b runs a causal variant of the published b — rows: `attention=b`" in markdown
+    assert "the flag is on" not in markdown, "a departure no row carries is not listed"
     assert (hand_built_multirun / "report.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_changed_protocol_is_never_set_beside_the_published_number(hand_built_multirun: Path) -> None:
+    launch = hand_built_multirun.parent / "2025-02-02_00-00-00"
+    launch.mkdir()
+    common = ["+sweep=demo", "trainer.max_steps=2", "seq_len=8", "data.path=/x", "trainer.precision=32-true"]
+    _write_master(launch, common, columns=["val_acc", "val_ppl_batch_mean"], max_steps=2, seq_len=8)
+    _write_job(launch, 0, ["attention=a", "seed=1", *common], {"status": "done", "val_ppl": 40.0, "steps": 2})
+    assert report_main(["demo", "--root", str(hand_built_multirun.parent.parent)]) == 0  # the latest launch
+    markdown = (launch / "report.md").read_text()
+    assert "| 10; 2 (val loss) | not comparable: overrides trainer.max_steps=2 seq_len=8;" in markdown
+    assert "Budget run: 2 optimiser steps per job (trainer.max_steps=2; 16 × 2 sequences of ≤ 8 tokens" in markdown
+    assert "other launches of this sweep: `2025-01-01_00-00-00`" in markdown
+    assert "No results.json of this launch holds `val_acc`, `val_ppl_batch_mean`" in markdown
+
+
+def test_launch_option_picks_a_launch_and_names_the_others(hand_built_multirun: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    root = hand_built_multirun.parent.parent
+    later = hand_built_multirun.parent / "2025-03-03_00-00-00"
+    later.mkdir()
+    _write_master(later, ["+sweep=demo"])
+    assert resolve_target("demo", root) == (later, ["2025-01-01_00-00-00"])
+    assert resolve_target("demo", root, "2025-01") == (hand_built_multirun, ["2025-03-03_00-00-00"])
+    assert report_main(["demo", "--root", str(root), "--launch", "2025-01-01_00-00-00"]) == 0
+    out = capsys.readouterr().out
+    assert "launch `2025-01-01_00-00-00`" in out and "other launches of this sweep: `2025-03-03_00-00-00`" in out
+    assert report_main(["demo", "--root", str(root), "--launch", "2025"]) == 1
+    assert "matches several launch" in capsys.readouterr().err
+    assert report_main(["demo", "--root", str(root), "--launch", "1999"]) == 1
+    assert "give one of 2025-01-01_00-00-00, 2025-03-03_00-00-00" in capsys.readouterr().err
 
 
 def test_pivot_orders_variants_by_their_mean(tmp_path: Path) -> None:

@@ -1,11 +1,16 @@
-"""The report of one sweep: ``python -m wavetrain.report <multirun folder | sweep name>``.
+"""The report of one sweep: ``python -m wavetrain.report <multirun folder | sweep name> [--launch LAUNCH]``.
 
-Reads the multirun folder's ``multirun.yaml`` (the sweep's metadata, published values and job grid) and every job's
-``results.json``, ``.hydra/overrides.yaml`` and ``logs/metrics.csv``; writes ``report.md`` (one row per variant: the
-metrics as mean ± std over seeds, the published value, the difference and a status: done, failed with the error's
-first line, or missing) and ``report.png`` (validation-loss curves of every row, and a bar chart of the headline
-metric with the published values marked) into the multirun folder.  A failed or missing job never stops the
-report: its row says so.  The sweep-file format is documented in sweeps/README.md.
+Reads the multirun folder's ``multirun.yaml`` (the sweep's metadata, its protocol, published values and job grid) and
+every job's ``results.json``, ``.hydra/overrides.yaml`` and ``logs/metrics.csv``; writes ``report.md`` and
+``report.png`` (validation-loss curves of every row, and a bar chart of the headline metric with the published values
+marked) into the multirun folder.  The report's header says what ran: the launch (and the sweep's other launches),
+the protocol (the experiment, conf/experiment/*), the overrides every job shares, the budget the jobs actually ran,
+the departures from the published computation its rows carry, and any ``columns`` key no results.json holds.  Its
+table has one row per variant: the metrics as mean ± std over seeds, the published value, the difference and a
+status (done, failed with the error's first line, or missing).  A row stands beside a published number only when it
+ran that protocol unchanged: an override of a ``protocol.keys`` setting (data, tokenizer, seq_len, scale, budget, ...)
+or a value published under another experiment makes its Δ cell "not comparable", naming why.  A failed or missing
+job never stops the report.  The sweep-file format is documented in sweeps/README.md.
 """
 from __future__ import annotations
 
@@ -18,9 +23,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from wavetrain.sweep import latest_multirun
 
 SEED_KEY = "seed"
 DEFAULT_COLUMNS = ("val_loss", "val_ppl", "val_acc")
@@ -56,6 +60,8 @@ class Row:
     key: tuple[tuple[str, str], ...]
     jobs: list[Job] = field(default_factory=list)
     references: list[dict] = field(default_factory=list)
+    protocol: str | None = None                              # the experiment the row ran (protocol.name)
+    changed: list[str] = field(default_factory=list)         # its overrides of protocol.keys (not comparable)
 
     @property
     def label(self) -> str:
@@ -103,6 +109,10 @@ class Sweep:
     references: list[dict]
     rows: list[Row]
     pivot: dict | None = None
+    source: str | None = None                                # where the protocol is written down
+    shared: list[str] = field(default_factory=list)          # the command-line overrides of every job
+    budget: dict = field(default_factory=dict)               # the budget settings of the launch's config
+    departures: list[tuple[str, list[str]]] = field(default_factory=list)  # (what, labels of the rows carrying it)
 
 
 def _read_yaml_list(path: Path) -> list[str] | None:
@@ -183,13 +193,67 @@ def load_sweep(directory: Path) -> Sweep:
         key = tuple((axis, values.get(axis, "")) for axis in axes)
         row = rows.setdefault(key, Row(key))
         row.jobs.append(job)
+    protocol = _container(master, "protocol") or {}
+    file_axes = set((_container(master, "hydra.sweeper.params") or {}).keys())
     for row in rows.values():  # a reference matches on any override of the row's jobs, varying or not
         overrides = dict(_split_override(o) for o in row.jobs[0].overrides)
         row.references = [r for r in references if _matches(r, overrides)]
+        row.protocol = overrides.get("experiment", protocol.get("name"))
+        row.changed = protocol_changes(row.jobs[0].overrides, protocol, file_axes)
+    departures = []
+    for departure in protocol.get("departures") or []:
+        carriers = [row.label for row in rows.values()
+                    if all(str(_job_value(master, row.jobs[0], k)) == str(v) for k, v in departure["when"].items())]
+        if carriers:
+            departures.append((" ".join(str(departure["what"]).split()), carriers))
     metric = str(meta.get("metric", "val_loss"))
     columns = [c for c in meta.get("columns", DEFAULT_COLUMNS) if c != metric]
+    shared = [o for o in (_container(master, "hydra.overrides.task") or [])
+              if not _split_override(o)[0].startswith("sweep")]
+    budget = {key: OmegaConf.select(master, key, default=None, throw_on_resolution_failure=False)
+              for key in BUDGET_KEYS} if master is not None else {}
     return Sweep(directory, str(meta.get("name", directory.name)), str(meta.get("table", directory.name)), metric,
-                 str(meta.get("goal", "min")), columns, references, list(rows.values()), meta.get("pivot"))
+                 str(meta.get("goal", "min")), columns, references, list(rows.values()), meta.get("pivot"),
+                 protocol.get("source"), shared, budget, departures)
+
+
+BUDGET_KEYS = ("trainer.max_steps", "run.epochs", "data.batch_size", "trainer.accumulate_grad_batches", "seq_len")
+
+
+def _container(master: DictConfig | None, key: str):
+    """A node of multirun.yaml as plain Python, unresolved (None when absent)."""
+    node = OmegaConf.select(master, key, default=None) if master is not None else None
+    return OmegaConf.to_container(node, resolve=False) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def _under(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(f"{p}.") for p in prefixes)
+
+
+def protocol_changes(overrides: list[str], protocol: dict, file_axes: set[str]) -> list[str]:
+    """The overrides of a job that change its protocol: those of a ``protocol.keys`` setting (or a key below one),
+    other than where the data lives (``protocol.locations``) and the sweep file's own axes (its rows)."""
+    keys, locations = protocol.get("keys") or [], protocol.get("locations") or []
+    changed = []
+    for override in overrides:
+        key, _ = _split_override(override)
+        if key in file_axes or key == SEED_KEY or _under(key, locations) or not _under(key, keys):
+            continue
+        changed.append(override)
+    return changed
+
+
+def _job_value(master: DictConfig | None, job: Job, key: str):
+    """A job's value of ``key``: its override, else its group choice or config value in multirun.yaml."""
+    overrides = dict(_split_override(o) for o in job.overrides)
+    if key in overrides:
+        return overrides[key]
+    if master is None:
+        return None
+    choices = OmegaConf.select(master, "hydra.runtime.choices", default=None) or {}
+    if key in choices:
+        return choices[key]
+    return OmegaConf.select(master, key, default=None, throw_on_resolution_failure=False)
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -207,8 +271,21 @@ def _mean_std(row: Row, metric: str) -> str:
     return f"{_fmt(statistics.fmean(values))} ± {_fmt(statistics.stdev(values), 2)}"
 
 
+def incomparable(row: Row, reference: dict) -> str | None:
+    """Why the row may not stand beside this published value (None when it ran the value's protocol unchanged)."""
+    if row.protocol is None:
+        return "no published protocol recorded (run the table through its experiment)"
+    published_under = reference.get("protocol") or row.protocol
+    if published_under != row.protocol:
+        return f"published under {published_under}, this row ran {row.protocol}"
+    if row.changed:
+        return "overrides " + " ".join(row.changed)
+    return None
+
+
 def _published(row: Row, metric: str) -> tuple[str, str]:
-    """(published, difference) cells: the references of the row, ours − published on the reference's metric."""
+    """(published, difference) cells: the references of the row, ours − published on the reference's metric, or
+    "not comparable" with the reason where the row did not run the value's protocol unchanged."""
     if not row.references:
         return "—", "—"
     published, differences = [], []
@@ -216,9 +293,13 @@ def _published(row: Row, metric: str) -> tuple[str, str]:
         ref_metric, value = str(ref.get("metric", metric)), ref.get("value")
         suffix = "" if ref_metric == metric else f" ({LABELS.get(ref_metric, ref_metric)})"
         published.append(f"{_fmt(value)}{suffix}" if isinstance(value, (int, float)) else f"{value}{suffix}")
-        ours = row.mean(ref_metric)
-        differences.append(f"{ours - value:+.3g}{suffix}" if ours is not None and isinstance(value, (int, float))
-                           else "—")
+        ours, reason = row.mean(ref_metric), incomparable(row, ref)
+        if not isinstance(value, (int, float)):
+            differences.append("—")
+        elif reason:
+            differences.append(f"not comparable{suffix}: {reason}")
+        else:
+            differences.append(f"{ours - value:+.3g}{suffix}" if ours is not None else "—")
     return "; ".join(published), "; ".join(differences)
 
 
@@ -363,15 +444,18 @@ def plot_report(sweep: Sweep, path: Path) -> None:
     errors = [statistics.stdev(v) if len(v := row.values(sweep.metric)) > 1 else 0.0 for row in sweep.rows]
     bars.barh(positions, [m if m is not None else 0.0 for m in means], xerr=errors,
               color=[colors(i % colors.N) for i in positions], alpha=0.85)
-    marked = False
+    marked: set[str] = set()
     for i, row in enumerate(sweep.rows):
         if means[i] is None:
             bars.text(0, i, f"  {row.status().split(':')[0]}", va="center", fontsize=7, color="crimson")
         for ref in row.references:
             if str(ref.get("metric", sweep.metric)) == sweep.metric and isinstance(ref.get("value"), (int, float)):
+                comparable = incomparable(row, ref) is None
+                label = "published" if comparable else "published (not comparable)"
                 bars.plot(ref["value"], i, marker="D", color="black", ms=6, ls="none",
-                          label=None if marked else "published")
-                marked = True
+                          markerfacecolor="black" if comparable else "none",
+                          label=None if label in marked else label)
+                marked.add(label)
     bars.set_yticks(positions, [row.label for row in sweep.rows], fontsize=7)
     bars.invert_yaxis()
     bars.set_xlabel(f"{LABELS.get(sweep.metric, sweep.metric)} ({'lower' if sweep.goal == 'min' else 'higher'} "
@@ -385,15 +469,69 @@ def plot_report(sweep: Sweep, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(directory: Path) -> tuple[Path, Path]:
-    """Write report.md and report.png (and report_grid.png, the heatmap of a ``sweep.pivot``) into the multirun
-    folder; returns the paths of report.md and report.png."""
-    sweep = load_sweep(directory)
+def missing_columns(sweep: Sweep) -> list[str]:
+    """The headline metric and ``columns`` keys that no finished job's results.json holds (an empty column is a
+    misspelt key or a metric the runs never produce)."""
+    done = [job.results for row in sweep.rows for job in row.jobs if job.status == "done"]
+    if not done:
+        return []
+    return [key for key in (sweep.metric, *sweep.columns) if not any(key in results for results in done)]
+
+
+def budget_line(sweep: Sweep) -> str:
+    """The budget the jobs actually ran: optimiser steps from their results.json, the settings from multirun.yaml."""
+    steps = sorted({int(job.results["steps"]) for row in sweep.rows for job in row.jobs
+                    if job.status == "done" and isinstance((job.results or {}).get("steps"), (int, float))})
+    ran = ("no job finished yet" if not steps else f"{steps[0]:,} optimiser steps per job" if len(steps) == 1
+           else f"{steps[0]:,}–{steps[-1]:,} optimiser steps per job")
+    settings = sweep.budget
+    planned = (f"run.epochs={settings['run.epochs']}" if settings.get("run.epochs") is not None
+               else f"trainer.max_steps={settings.get('trainer.max_steps')}")
+    shape = (f"{settings.get('data.batch_size')} × {settings.get('trainer.accumulate_grad_batches') or 1} "
+             f"sequences of ≤ {settings.get('seq_len')} tokens per step")
+    return f"Budget run: {ran} ({planned}; {shape})."
+
+
+def _launch_line(sweep: Sweep, others: list[str]) -> str:
+    text = f"Sweep `{sweep.name}`, launch `{sweep.directory.name}` (folder `{sweep.directory}`)"
+    if others:
+        text += (f"; other launches of this sweep: {', '.join(f'`{o}`' for o in others)} "
+                 f"(`python -m wavetrain.report {sweep.name} --launch <launch>` reports one)")
+    return text + "."
+
+
+def header(sweep: Sweep, others: list[str] | None = None) -> list[str]:
+    """What ran: launch, protocol, shared overrides, budget, departures, columns no results.json holds."""
     counts = {s: sum(job.status == s for row in sweep.rows for job in row.jobs) for s in ("done", "failed", "missing")}
-    parts = [f"# {sweep.table}", "",
-             f"Sweep `{sweep.name}`, folder `{sweep.directory}`: {sum(counts.values())} jobs — "
-             f"{counts['done']} done, {counts['failed']} failed, {counts['missing']} missing. "
-             f"Metrics are mean ± std over seeds; Δ = ours − published.", "", markdown_table(sweep)]
+    protocols = sorted({row.protocol for row in sweep.rows if row.protocol})
+    lines = [_launch_line(sweep, others or []),
+             f"{sum(counts.values())} jobs — {counts['done']} done, {counts['failed']} failed, {counts['missing']} "
+             f"missing. Metrics are mean ± std over seeds; Δ = ours − published, set only where the row ran the "
+             f"published protocol unchanged.",
+             "Protocol: " + (", ".join(f"`experiment={p}`" for p in protocols) + (f" ({sweep.source})" if sweep.source
+                                                                                   else "")
+                             if protocols else "none (no experiment): no published number is comparable") + ".",
+             "Shared overrides: " + (f"`{' '.join(sweep.shared)}`" if sweep.shared else "none") + ".",
+             budget_line(sweep)]
+    missing = missing_columns(sweep)
+    if missing:
+        lines.append("No results.json of this launch holds " + ", ".join(f"`{key}`" for key in missing)
+                     + ": a misspelt key, or a metric these runs do not produce (its column stays empty).")
+    if sweep.departures:
+        lines.append("Departures from the published computation:")
+        lines += [f"- {what} — rows: {', '.join(f'`{label}`' for label in labels)}" for what, labels in sweep.departures]
+    return lines
+
+
+def write_report(directory: Path, others: list[str] | None = None) -> tuple[Path, Path]:
+    """Write report.md and report.png (and report_grid.png, the heatmap of a ``sweep.pivot``) into the multirun
+    folder; returns the paths of report.md and report.png.  ``others``: the sweep's other launches, named in the
+    header."""
+    sweep = load_sweep(directory)
+    lines = header(sweep, others)
+    paragraph = [line for line in lines if not line.startswith("- ")]  # one paragraph, then the departures list
+    parts = [f"# {sweep.table}", "", "  \n".join(paragraph), "", *[line for line in lines if line.startswith("- ")],
+             "", markdown_table(sweep)]
     grid = pivot_grid(sweep)
     if grid is not None:
         parts += ["", f"## {LABELS.get(sweep.metric, sweep.metric)} by {grid.row_key}", "",
@@ -411,29 +549,64 @@ def write_report(directory: Path) -> tuple[Path, Path]:
     return markdown, figure
 
 
-def resolve_target(target: str, root: Path = Path("multirun")) -> Path:
-    """A multirun folder as given, or the latest multirun of the sweep named ``target``."""
+def launches(name: str, root: Path = Path("multirun")) -> list[Path]:
+    """The multirun folders of sweep ``name`` (``multirun/<name>/<launch>``), oldest first."""
+    folder = root / name
+    found = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if not found:
+        known = ", ".join(sorted(p.name for p in root.glob("*") if p.is_dir())) or "none"
+        raise FileNotFoundError(f"no multirun of sweep {name!r} under {root.resolve()} (sweeps run there: {known}): "
+                                f"run `python -m wavetrain -m +sweep={name}` first, or pass a multirun folder")
+    return found
+
+
+def resolve_target(target: str, root: Path = Path("multirun"), launch: str | None = None) -> tuple[Path, list[str]]:
+    """(the multirun folder, the names of the sweep's other launches): ``target`` as a folder, or a sweep name with
+    its launch ``launch`` (the folder name or a unique prefix of it; the latest when None)."""
     path = Path(target)
-    if not path.is_dir():
-        return latest_multirun(target, root)
-    if not (path / "multirun.yaml").exists() and not any(p.name.isdigit() for p in path.iterdir()):
-        raise FileNotFoundError(f"{path} holds no multirun.yaml and no numbered job folders: give a multirun folder "
-                                f"(multirun/<sweep>/<launch time>) or a sweep name")
-    return path
+    if path.is_dir():
+        if not (path / "multirun.yaml").exists() and not any(p.name.isdigit() for p in path.iterdir()):
+            raise FileNotFoundError(f"{path} holds no multirun.yaml and no numbered job folders: give a multirun "
+                                    f"folder (multirun/<sweep>/<launch time>) or a sweep name")
+        if launch is not None:
+            raise FileNotFoundError(f"--launch {launch} picks a launch of a sweep name, not of the folder {path}: "
+                                    f"give the sweep name, or the launch's folder alone")
+        siblings = sorted(p.name for p in path.parent.iterdir() if p.is_dir() and p != path
+                          and (p / "multirun.yaml").exists())
+        return path, siblings
+    found = launches(target, root)
+    if launch is None:
+        chosen = found[-1]
+    else:
+        matches = [p for p in found if p.name == launch] or [p for p in found if p.name.startswith(launch)]
+        if len(matches) != 1:
+            listed = ", ".join(p.name for p in found)
+            raise FileNotFoundError(f"--launch {launch} {'matches several' if matches else 'matches no'} launch of "
+                                    f"sweep {target!r}: give one of {listed}")
+        chosen = matches[0]
+    return chosen, [p.name for p in found if p != chosen]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wavetrain.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("target", help="a multirun folder, or a sweep name (its latest run under --root)")
+    parser.add_argument("target", help="a multirun folder, or a sweep name (its latest launch under --root)")
+    parser.add_argument("--launch", help="with a sweep name: the launch to report (its folder name under "
+                                         "multirun/<sweep>/, or a unique prefix such as the date)")
     parser.add_argument("--root", default="multirun", help="where sweeps write their runs (default: multirun)")
     args = parser.parse_args(argv)
     try:
-        directory = resolve_target(args.target, Path(args.root))
+        directory, others = resolve_target(args.target, Path(args.root), args.launch)
     except FileNotFoundError as error:
         print(f"wavetrain.report: {error}", file=sys.stderr)
         return 1
-    markdown, figure = write_report(directory)
+    markdown, figure = write_report(directory, others)
     print(markdown.read_text())
+    if others:
+        print(f"reported launch {directory.name}; other launches of {args.target}: {', '.join(others)}")
+    sweep_missing = missing_columns(load_sweep(directory))
+    if sweep_missing:
+        print(f"wavetrain.report: no results.json holds {', '.join(sweep_missing)}: check the sweep file's "
+              f"metric/columns keys", file=sys.stderr)
     print(f"wrote {markdown} and {figure}")
     return 0
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -125,12 +124,3 @@ def dry_run(argv: Sequence[str]) -> int:
     print(f"{len(jobs)} job{'s' if len(jobs) != 1 else ''} (nothing was trained)")
     return 0
 
-
-def latest_multirun(name: str, root: Path = Path("multirun")) -> Path:
-    """The most recent multirun folder of sweep ``name`` (``multirun/<name>/<launch time>``)."""
-    launches = sorted(p for p in (root / name).glob("*") if p.is_dir()) if (root / name).is_dir() else []
-    if not launches:
-        known = ", ".join(sorted(p.name for p in root.glob("*") if p.is_dir())) or "none"
-        raise FileNotFoundError(f"no multirun of sweep {name!r} under {root.resolve()} (sweeps run there: {known}): "
-                                f"run `python -m wavetrain -m +sweep={name}` first, or pass a multirun folder")
-    return launches[-1]
