@@ -201,3 +201,57 @@ def test_unknown_sweep_or_folder_is_a_clear_error(tmp_path: Path, capsys: pytest
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no multirun.yaml"):
         resolve_target(str(tmp_path / "empty"), tmp_path / "multirun")
+
+
+def _real_multirun(root: Path, name: str, results: dict[int, dict], task: tuple[str, ...] = ()) -> None:
+    """A multirun folder of the real sweep file ``name`` as Hydra writes it (multirun.yaml = the composed config
+    with its hydra node; one folder per listed job with its overrides and results.json)."""
+    from wavetrain import compose_config
+    from wavetrain.sweep import list_jobs
+
+    root.mkdir(parents=True)
+    raw = OmegaConf.load(Path(__file__).resolve().parent.parent / "sweeps" / f"{name}.yaml")
+    master = compose_config([f"+sweep={name}", *task])
+    OmegaConf.set_struct(master, False)
+    master.hydra = {"sweeper": {"params": OmegaConf.to_container(raw.hydra.sweeper.params, resolve=False)},
+                    "overrides": {"task": [f"+sweep={name}", *task]},
+                    "runtime": {"choices": dict(master.run.choices)}}
+    OmegaConf.save(master, root / "multirun.yaml")
+    jobs = list_jobs([f"+sweep={name}", *task], validate=False)
+    for number, result in results.items():
+        _write_job(root, number, jobs[number], result)
+
+
+def test_wda_ablation_rows_state_their_departures_and_sit_beside_the_published_code(tmp_path: Path) -> None:
+    launch = tmp_path / "wda_ablations" / "2026-01-01_00-00-00"
+    _real_multirun(launch, "wda_ablations", {0: {"status": "done", "val_ppl": 21.0, "steps": 11500},
+                                              1: {"status": "done", "val_ppl": 22.0, "steps": 11500}})
+    assert report_main([str(launch)]) == 0
+    markdown = (launch / "report.md").read_text()
+    assert "Protocol: `experiment=wda_ablation` (spec wda.md §6" in markdown
+    pooling = next(line for line in markdown.splitlines() if line.startswith("- WDA causal gate pooling"))
+    estimator = next(line for line in markdown.splitlines() if line.startswith("- WDA intended straight-through"))
+    assert "`wda_ablation=baseline attention.st_estimator=reference_code`" in pooling  # every row pools causally
+    assert "`wda_ablation=baseline attention.st_estimator=intended`" in estimator
+    assert "reference_code" not in estimator.split("rows:")[1], "the published code's rows carry no estimator change"
+    assert "| `wda_ablation=baseline attention.st_estimator=reference_code` | 1 | 22 | 20.5 | +1.5 |" in markdown
+    assert "| `wda_ablation=baseline attention.st_estimator=intended` | 1 | 21 | — |" in markdown
+
+
+def test_dwarf_13m_marks_conditions_published_under_another_protocol(tmp_path: Path) -> None:
+    launch = tmp_path / "dwarf_13m" / "2026-01-01_00-00-00"
+    _real_multirun(launch, "dwarf_13m", {1: {"status": "done", "test_ppl": 90.0, "steps": 16470},
+                                          11: {"status": "done", "test_ppl": 85.0, "steps": 16470}})
+    assert report_main([str(launch)]) == 0
+    markdown = (launch / "report.md").read_text()
+    assert "| `attention=dwarf_condA` | 1 | 90 | 86.8 | not comparable: published under dwarf_13m_ad, this row ran " \
+           "dwarf_13m |" in markdown
+    assert "| `attention=dwarf_condK` | 1 | 85 | 84.7 | +0.3 |" in markdown
+    assert "- DWARF condE on the causal stride-1 layout" in markdown and "rows: `attention=dwarf_condE`" in markdown
+    smoke = tmp_path / "dwarf_13m" / "2026-01-02_00-00-00"
+    _real_multirun(smoke, "dwarf_13m", {11: {"status": "done", "test_ppl": 900.0, "steps": 20}},
+                   task=("scale=tiny", "run.epochs=null", "trainer.max_steps=20", "data.path=/local/owt"))
+    assert report_main([str(smoke)]) == 0
+    markdown = (smoke / "report.md").read_text()
+    assert "| 84.7 | not comparable: overrides scale=tiny run.epochs=null trainer.max_steps=20 |" in markdown
+    assert "Budget run: 20 optimiser steps per job (trainer.max_steps=20;" in markdown

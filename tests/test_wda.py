@@ -192,6 +192,21 @@ def test_reference_code_estimator_is_dense_softmax_without_gradient() -> None:
     assert sampling.v_proj.weight.grad is not None
 
 
+def test_topk_is_a_no_op_in_the_published_code() -> None:
+    """The fidelity audit's finding (README): with the reference code's estimator the forward pass is the soft
+    mixture over all M masks, so top-k 1 and top-k M give bitwise the same output from the same weights; the intended
+    estimator's top-k does change it."""
+    x = inputs(length=24)
+    for pooling in ("full", "prefix"):
+        one, all_masks = small(st_estimator="reference_code", topk_masks=1, gate_pooling=pooling), \
+            small(st_estimator="reference_code", topk_masks=SMALL["num_masks"], gate_pooling=pooling)
+        all_masks.load_state_dict(one.state_dict())
+        assert torch.equal(one(x), all_masks(x)), pooling
+    one, all_masks = small(topk_masks=1), small(topk_masks=SMALL["num_masks"])
+    all_masks.load_state_dict(one.state_dict())
+    assert (one(x) - all_masks(x)).abs().max() > 1e-3
+
+
 # --------------------------------------------------------------------------- fast path == naive reference
 REFERENCE_CASES = [
     dict(gate_pooling="prefix"),

@@ -244,10 +244,14 @@ def protocol_changes(overrides: list[str], protocol: dict, file_axes: set[str]) 
 
 
 def _job_value(master: DictConfig | None, job: Job, key: str):
-    """A job's value of ``key``: its override, else its group choice or config value in multirun.yaml."""
+    """A job's value of ``key``: its override, else its own composed config (``.hydra/config.yaml``, once the job
+    started), else the group choice or config value of multirun.yaml (the sweep's defaults)."""
     overrides = dict(_split_override(o) for o in job.overrides)
     if key in overrides:
         return overrides[key]
+    own = job.directory / ".hydra" / "config.yaml" if job.directory else None
+    if own is not None and own.exists():
+        return OmegaConf.select(OmegaConf.load(own), key, default=None, throw_on_resolution_failure=False)
     if master is None:
         return None
     choices = OmegaConf.select(master, "hydra.runtime.choices", default=None) or {}
