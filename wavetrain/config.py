@@ -19,7 +19,10 @@ if not OmegaConf.has_resolver("max"):
 if not OmegaConf.has_resolver("div"):
     OmegaConf.register_new_resolver("div", lambda a, b: int(a) // int(b))
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The configs ship inside the package (wavetrain/conf is a link to the repository's top-level conf/, and conf/sweep a
+# link to sweeps/; a wheel holds copies of both): a source checkout, an editable install and an installed wheel all
+# compose from here. Resolved, so messages name the repository's conf/ in a checkout.
+CONF_DIR = (Path(__file__).resolve().parent / "conf").resolve()
 GROUPS = ("attention", "scale", "data", "tokenizer", "optim", "trainer", "logger", "experiment")
 LOGGER_KINDS = ("csv", "tensorboard", "wandb")
 NONFINITE_MODES = ("stop", "skip")

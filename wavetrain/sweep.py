@@ -22,7 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from wavetrain.config import CONF_DIR, ConfigError, validate_config
 
-SWEEPS_DIR = CONF_DIR.parent / "sweeps"
+SWEEPS_DIR = (CONF_DIR / "sweep").resolve()  # sweeps/ in a checkout, the installed copy in a wheel
 MULTIRUN_FLAGS = ("-m", "--multirun")
 
 
