@@ -13,6 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from wavetrain.report import load_sweep, main as report_main, resolve_target
+from wandb_offline import read_offline_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -47,6 +48,9 @@ def test_tiny_sweep_end_to_end_with_failed_rows_wandb_groups_and_report(tmp_path
         assert group.encode() in record, f"job {job} is not in W&B group {group}"
         assert f"attention={attention}".encode() in record and b"scale=tiny" in record and b"data=shakespeare" in record
         assert b"seq_len" in record and b"${" not in record, "the resolved config travels with the run"
+        wandb_run = read_offline_run(run)  # the name says what differs within the sweep; tags: sweep and seed
+        assert wandb_run.name == f"attention={attention} scale.n_heads=2 seed=1337", wandb_run.name
+        assert {"sweep=smoke", "seed=1337", f"attention={attention}"} <= set(wandb_run.tags), wandb_run.tags
 
     assert report_main(["smoke", "--root", str(tmp_path / "multirun")]) == 0
     markdown = (launch / "report.md").read_text()

@@ -149,7 +149,8 @@ def test_slurm_launcher_builds_the_sbatch_script_without_a_cluster(tmp_path: Pat
         GlobalHydra.instance().clear()
     script = submitted["script"]
     for line in ("--partition=gpu-a100", "--account=proj42", "--time=90", "--nodes=2", "--ntasks-per-node=4",
-                 "--gpus-per-node=4", "--cpus-per-task=8", "--mail-type=END", "--signal=USR2@120"):
+                 "--gpus-per-node=4", "--cpus-per-task=8", "--mail-type=END", "--signal=USR2@120",
+                 "--job-name=wavetrain"):  # hydra.job.name, not __main__
         assert f"#SBATCH {line}" in script, f"{line} missing from\n{script}"
     assert submitted["max_num_timeout"] == 3 and len(submitted["jobs"]) == 2
     assert isinstance(launcher, submitit.helpers.Checkpointable) or hasattr(launcher, "checkpoint"), \

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import wandb
 
 from wavetrain import compose_config, load_model
 from wavetrain.lightning_module import lr_factor
 from wavetrain.train import train
+from wandb_offline import read_offline_run
 
 TINY = ["scale=tiny", "seq_len=32", "data.batch_size=8", "data.val_windows=16", "optim.warmup_steps=2",
         "trainer.val_check_interval=10", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
@@ -57,12 +59,34 @@ def test_bf16_mixed_on_cpu_and_test_split(tmp_path: Path) -> None:
     assert results["test_loss"] > 0 and results["test_ppl"] > 1
 
 
-def test_wandb_offline_run_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wandb_offline_run_holds_name_tags_config_once_and_a_history_continued_on_resume(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
-    train(compose_config(TINY + ["trainer.max_steps=10", "logger=wandb", "logger.group=unit-test",
-                                 "trainer.precision=32-true"]), run_dir=tmp_path)
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1 and (tmp_path / "logs" / "metrics.csv").exists()
+    options = ["logger=wandb", "logger.group=unit-test", "logger.job_type=smoke", "+logger.notes=from a test",
+               "trainer.precision=32-true", "trainer.val_check_interval=2", "seed=7"]
+    train(compose_config(TINY + options + ["trainer.max_steps=4"]), run_dir=tmp_path)
+    wandb.finish()  # as the CLI does after every job (wavetrain.__main__.finish_wandb)
+    (first,) = (tmp_path / "wandb").glob("offline-run-*")
+    run = read_offline_run(first)
+    assert run.run_id == (tmp_path / "wandb_run_id").read_text().strip()
+    assert (run.name, run.group, run.job_type, run.notes) == ("standard-tiny-shakespeare seed=7", "unit-test", "smoke",
+                                                              "from a test"), "logger options pass through"
+    assert {"attention=standard", "scale=tiny", "data=shakespeare", "seed=7"} <= set(run.tags)
+    assert run.config_records == 0 and "cfg" not in run.config, "the config is logged once, not again as hparams"
+    assert run.config["seed"] == 7 and run.config["scale"]["d_model"] == compose_config(["scale=tiny"]).scale.d_model
+    assert [row["_step"] for row in run.history] == [0, 1, 2, 3]
+    assert all(row["_step"] == row["trainer/global_step"] for row in run.history)
+    assert [row["_step"] for row in run.history if "val/loss" in row] == [1, 3]
+
+    train(compose_config(TINY + options + ["trainer.max_steps=6"]), run_dir=tmp_path)  # resumes from step 4
+    wandb.finish()
+    (second,) = set((tmp_path / "wandb").glob("offline-run-*")) - {first}
+    resumed = read_offline_run(second)
+    assert resumed.run_id == run.run_id, "a resumed run continues the same W&B run"
+    assert [row["_step"] for row in resumed.history] == [0, 1, 2, 3, 4, 5], "no gap: offline, the steps before the " \
+        "checkpoint are replayed from metrics.csv, and the history continues from the checkpoint's step"
+    assert [row.get("train/loss") for row in resumed.history[:4]] == [row.get("train/loss") for row in run.history]
+    assert (tmp_path / "logs" / "metrics.csv").exists()
 
 
 def test_tensorboard_logger_writes_events_beside_the_csv(tmp_path: Path) -> None:
@@ -88,11 +112,25 @@ def _cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Completed
 
 
 @pytest.mark.slow
-def test_cli_run_prints_summary_and_saves_checkpoint(tmp_path: Path) -> None:
-    out = _cli(TINY + ["trainer.max_steps=10", f"hydra.run.dir={tmp_path}/run"], tmp_path)
+def test_cli_run_prints_one_line_per_event_and_saves_checkpoint(tmp_path: Path) -> None:
+    quiet = [o for o in TINY if not o.startswith("trainer.enable_progress_bar")]  # the default: no bar when redirected
+    out = _cli(quiet + ["trainer.max_steps=10", f"hydra.run.dir={tmp_path}/run"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "wavetrain: val loss" in out.stdout
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    lines = (out.stdout + out.stderr).splitlines()
+    events = [line.split("] - ", 1)[-1] for line in lines if line.startswith("[")]  # log records, time stripped
+    assert len(events) == len(set(events)), f"a log line printed twice:\n{out.stdout}"
+    assert sum("| Name" in line for line in lines) == 1, "the model summary once"
+    assert not any("Tip" in line or "it/s" in line or "\r" in line for line in lines), out.stdout
+    assert any(event.startswith("step 10/10: val/loss") for event in events), "a line per validation instead"
+    table = lines.index(next(line for line in lines if "| Name" in line))
+    table_end = next(i for i in range(table, len(lines)) if lines[i].startswith("["))
+    others = [line for line in lines[:table] + lines[table_end:] if not line.startswith(("[", "wavetrain: "))]
+    assert not others, f"lines that are neither a log record nor the summary: {others}"
+    assert len(events) <= 16, f"{len(events)} log records:\n" + "\n".join(events)  # 4 of them: data preparation
+    log_file = (tmp_path / "run" / "wavetrain.log").read_text()  # hydra.job.name: wavetrain
+    assert all(event in log_file for event in events)
 
 
 @pytest.mark.slow

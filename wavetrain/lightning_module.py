@@ -52,7 +52,7 @@ class LanguageModelTask(L.LightningModule):
 
     def __init__(self, cfg: dict, vocab_size: int) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # kept in checkpoints; loggers get the config once (loggers.py)
         self.cfg: DictConfig = OmegaConf.create(cfg)
         self.model = build_model(self.cfg, vocab_size)
         self.n_parameters = count_parameters(self.model)

@@ -12,20 +12,21 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from wavetrain.callbacks import RunSummary, ThroughputMonitor, write_json_atomic
 from wavetrain.config import ConfigError, check_model_builds, validate_config
+from wavetrain.console import console_callbacks, progress_bar_enabled, quiet_console
 from wavetrain.data.datamodule import steps_for_epochs
 from wavetrain.lightning_module import LanguageModelTask
+from wavetrain.loggers import build_loggers
 from wavetrain.reliability import (CHECKPOINT_DIR, AtomicCheckpointIO, NonFiniteGuard, PreemptionSignals, Preempted,
-                                   ResumableCSVLogger, ResumePlan, RunDirLock, StepCheckpoint, TrainingRandomness,
+                                   ResumePlan, RunDirLock, StepCheckpoint, TrainingRandomness,
                                    check_resume_compatible, describe_fallback, finished_results,
                                    global_rank_from_env, plan_resume, rotate_results, tidy_checkpoint_dir,
-                                   trim_metrics, wandb_run_id)
+                                   trim_metrics)
 
 log = logging.getLogger(__name__)
 
@@ -52,30 +53,6 @@ def resolve_precision(trainer_cfg: DictConfig) -> str:
                       f"bf16 support: falling back to 32-true (set trainer.precision=32-true to silence this)")
         return "32-true"
     return precision
-
-
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
-    """CSV always (nothing depends on a remote service), plus tensorboard or W&B when chosen."""
-    loggers: list[Logger] = [ResumableCSVLogger(str(run_dir), name="logs", version="")]
-    kind = cfg.logger.kind
-    if kind == "tensorboard":
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version=""))
-    elif kind == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
-
-        choices = cfg.run.choices
-        name = cfg.logger.name or "-".join(str(choices.get(g, "")) for g in ("attention", "scale", "data"))
-        tags = sorted({*cfg.logger.tags, *(f"{g}={choices[g]}" for g in ("attention", "scale", "data")
-                                           if g in choices)})
-        # the id kept in the run directory: a resumed or requeued run continues the same W&B run
-        loggers.append(WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
-                                   tags=tags, name=name, save_dir=str(run_dir), id=wandb_run_id(run_dir),
-                                   resume="allow", config=OmegaConf.to_container(cfg, resolve=True)))
-    elif kind != "csv":
-        raise ValueError(f"logger.kind={kind!r} is unknown: use logger=csv, logger=tensorboard or logger=wandb")
-    return loggers
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
@@ -123,6 +100,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     anything is written into the run directory.  A run directory that already holds this run resumes it from its
     newest readable checkpoint; one that holds it finished is left as it is (its results are returned)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_console()
     validate_config(cfg)
     check_model_builds(cfg)
     run_dir = Path(run_dir or os.getcwd())
@@ -195,10 +173,12 @@ def _fit(cfg: DictConfig, run_dir: Path, data: L.LightningDataModule, vocab_size
         "vocab_size": vocab_size, "overrides": list(cfg.run.overrides), "choices": dict(cfg.run.choices)})
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args["precision"] = resolve_precision(cfg.trainer)
+    trainer_args["enable_progress_bar"] = progress_bar_enabled(cfg.trainer.get("enable_progress_bar"))
     # Lightning's own SLURM auto-requeue stays off: wavetrain saves at a step boundary and requeues once itself
     plugins = [AtomicCheckpointIO()] + ([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])
     trainer = L.Trainer(**trainer_args, max_epochs=-1, gradient_clip_val=cfg.optim.grad_clip or None,
-                        callbacks=[TrainingRandomness(), guard, checkpoints, throughput, summary, step_checkpoints],
+                        callbacks=[TrainingRandomness(), guard, checkpoints, throughput, summary, step_checkpoints,
+                                   *console_callbacks(trainer_args["enable_progress_bar"])],
                         plugins=plugins, logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir))
     # the loader resumes at the checkpoint's step (RunPositionSampler), which this Lightning warning cannot see
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
