@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from wavetrain import compose_config
 from wavetrain.config import ConfigError, group_choices
-from wavetrain.sweep import SWEEPS_DIR, dry_run, list_jobs, sweep_names
+from wavetrain.sweep import SWEEPS_DIR, dry_run, expand_sweep, list_jobs, sweep_names
 
 SIMPLE_VALUE = re.compile(r"^[^(){}\[\]]*$")
 
@@ -69,6 +69,20 @@ def test_dry_run_of_every_sweep_file(name: str) -> None:
     for ref in raw.get("reference") or []:
         wanted = {f"{k}={v}" for k, v in ref.match.items()}
         assert any(wanted <= set(job) for job in jobs), f"{name}: reference {dict(ref.match)} matches no job"
+
+
+def test_expansion_is_hydras_basic_sweeper() -> None:
+    """wavetrain.sweep expands grids with Hydra's public API only; here it is checked against Hydra's own (private)
+    BasicSweeper on every sweep file and command-line sweeps, so a Hydra release that changes the order shows."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for name in sweep_names():
+        params = OmegaConf.to_container(_raw(name).hydra.sweeper.params, resolve=True)
+        arguments = [f"{key}={value}" for key, value in params.items()] + [
+            f"+sweep={name}", "seed=1,2", "scale.n_heads=range(1,4)", "attention=standard,wda", "seed=3"]
+        hydra_jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)[0]
+        assert expand_sweep(arguments) == hydra_jobs, name
 
 
 @pytest.mark.parametrize("name", ["all_variants", "mqar"])
@@ -134,6 +148,7 @@ def test_slurm_launcher_builds_the_sbatch_script_without_a_cluster(tmp_path: Pat
         submitted["script"] = self._make_submission_file_text("python -u -m submitit.core._submit", "uid")
         submitted["parameters"] = dict(self.parameters)
         submitted["jobs"] = [d.args[0] for d in delayed_submissions]
+        submitted["first"] = delayed_submissions[0]
         submitted["max_num_timeout"] = self.max_num_timeout
         raise RuntimeError("captured")
 
@@ -153,8 +168,10 @@ def test_slurm_launcher_builds_the_sbatch_script_without_a_cluster(tmp_path: Pat
                  "--job-name=wavetrain"):  # hydra.job.name, not __main__
         assert f"#SBATCH {line}" in script, f"{line} missing from\n{script}"
     assert submitted["max_num_timeout"] == 3 and len(submitted["jobs"]) == 2
-    assert isinstance(launcher, submitit.helpers.Checkpointable) or hasattr(launcher, "checkpoint"), \
-        "requeue needs the launcher's checkpoint() (submitit resubmits the job on timeout/preemption)"
+    first = submitted["first"]  # on timeout/preemption submitit resubmits what the job's checkpoint() returns
+    requeued = first.function.checkpoint(*first.args, **first.kwargs)
+    assert isinstance(requeued, submitit.helpers.DelayedSubmission) and requeued.function is first.function
+    assert requeued.args == first.args and requeued.args[0] == submitted["jobs"][0], "the same job is requeued"
 
 
 def test_local_submitit_launcher_config_composes() -> None:

@@ -62,6 +62,9 @@ def test_bf16_mixed_on_cpu_and_test_split(tmp_path: Path) -> None:
 def test_wandb_offline_run_holds_name_tags_config_once_and_a_history_continued_on_resume(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
+    # wandb starts a service for this process and names it in WANDB_SERVICE; restored (unset) after the test, so
+    # CLI subprocesses of later tests start their own service instead of sharing this one
+    monkeypatch.setenv("WANDB_SERVICE", "")
     options = ["logger=wandb", "logger.group=unit-test", "logger.job_type=smoke", "+logger.notes=from a test",
                "trainer.precision=32-true", "trainer.val_check_interval=2", "seed=7"]
     train(compose_config(TINY + options + ["trainer.max_steps=4"]), run_dir=tmp_path)
@@ -87,6 +90,7 @@ def test_wandb_offline_run_holds_name_tags_config_once_and_a_history_continued_o
         "checkpoint are replayed from metrics.csv, and the history continues from the checkpoint's step"
     assert [row.get("train/loss") for row in resumed.history[:4]] == [row.get("train/loss") for row in run.history]
     assert (tmp_path / "logs" / "metrics.csv").exists()
+    wandb.teardown()
 
 
 def test_tensorboard_logger_writes_events_beside_the_csv(tmp_path: Path) -> None:

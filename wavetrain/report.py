@@ -138,13 +138,11 @@ def _split_override(override: str) -> tuple[str, str]:
 
 def expected_jobs(master: DictConfig) -> list[list[str]]:
     """The jobs Hydra's basic sweeper launches for this multirun (from multirun.yaml), in launch order."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from wavetrain.sweep import expand_sweep
 
     params = OmegaConf.to_container(master.hydra.sweeper.get("params") or {}, resolve=True)
     arguments = [f"{k}={v}" for k, v in params.items()] + [str(o) for o in master.hydra.overrides.task]
-    parsed = OverridesParser.create().parse_overrides(arguments)
-    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    return expand_sweep(arguments)
 
 
 def _sweep_axes(jobs: list[list[str]]) -> list[str]:

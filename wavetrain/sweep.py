@@ -7,18 +7,19 @@ config of every row, and trains nothing.  The format of the sweep files is docum
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
-from hydra._internal.config_loader_impl import ConfigLoaderImpl
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra._internal.hydra import Hydra
-from hydra._internal.utils import create_config_search_path
+from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
-from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from wavetrain.config import CONF_DIR, ConfigError, validate_config
 
@@ -48,62 +49,129 @@ def sweep_names() -> list[str]:
 def list_jobs(overrides: Sequence[str], validate: bool = True) -> list[list[str]]:
     """The override list of every job ``python -m wavetrain -m <overrides>`` would launch, in launch order.
 
-    Uses Hydra's own expansion (the basic sweeper's parser and product); with ``validate`` every row's config (one
-    job per row: seeds compose alike) is composed and checked by ``validate_config``, so a misspelt option or an
-    invalid row fails here, naming the job.
+    As Hydra's multirun does: the master config is composed from the overrides that are not sweeps, and the basic
+    sweeper expands its ``hydra.sweeper.params`` followed by the command line's overrides (:func:`expand_sweep`).
+    With ``validate`` every row's config (one job per row: seeds compose alike) is composed and checked by
+    ``validate_config``, so a misspelt option or an invalid row fails here, naming the job.  Hydra's public API only
+    (compose and the override parser).
     """
     overrides = [o for o in overrides if o not in MULTIRUN_FLAGS]
-    GlobalHydra.instance().clear()
-    hydra = Hydra.create_main_hydra2(task_name="wavetrain", config_search_path=create_config_search_path(
-        str(CONF_DIR)))
+    parsed = _parse(overrides, "the command line")
+    hydra_overrides = tuple(o.input_line for o in parsed if o.is_hydra_override())
+    task = [o for o in parsed if not o.is_hydra_override()]
     try:
-        try:
-            master = hydra.compose_config("config", list(overrides), run_mode=RunMode.MULTIRUN,
-                                          with_log_configuration=False)
-        except HydraException as error:
-            raise ConfigError(f"{' '.join(overrides)} does not compose: {error}") from error
-        sweeper_target = master.hydra.sweeper.get("_target_", "")
-        if not sweeper_target.endswith("BasicSweeper"):
-            raise ConfigError(f"hydra.sweeper={sweeper_target} is not Hydra's basic sweeper: the dry run lists "
-                              f"basic-sweeper grids only")
-        params = master.hydra.sweeper.params  # None or empty for a single run (no sweep file)
-        params = OmegaConf.to_container(params, resolve=True) if params else {}
-        arguments = [f"{key}={value}" for key, value in params.items()]
-        arguments += OmegaConf.to_container(master.hydra.overrides.task, resolve=False)
-        parsed = OverridesParser.create(config_loader=hydra.config_loader).parse_overrides(arguments)
-        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-        if validate:
-            _validate_rows(hydra, master, jobs)
-        return jobs
+        master = _compose(hydra_overrides + tuple(o.input_line for o in task if not o.is_sweep_override()),
+                          with_hydra=True)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(f"{' '.join(overrides)} does not compose: {error}") from error
+    sweeper_target = master.hydra.sweeper.get("_target_", "")
+    if not sweeper_target.endswith("BasicSweeper"):
+        raise ConfigError(f"hydra.sweeper={sweeper_target} is not Hydra's basic sweeper: the dry run lists "
+                          f"basic-sweeper grids only")
+    params = master.hydra.sweeper.params  # None or empty for a single run (no sweep file)
+    params = OmegaConf.to_container(params, resolve=True) if params else {}
+    jobs = expand_sweep([f"{key}={value}" for key, value in params.items()] + [o.input_line for o in task])
+    if validate:
+        _validate_rows(hydra_overrides, jobs)
+    return jobs
+
+
+def expand_sweep(arguments: Sequence[str]) -> list[list[str]]:
+    """The jobs of Hydra's basic sweeper for ``arguments`` (its ``params`` as ``key=value``, then the task
+    overrides): one axis per key, in order of first appearance, a later override of a key replacing the earlier one
+    in its place; a comma-separated value (or ``range``/``choice``) is an axis of several values; the jobs are the
+    cartesian product of the axes, the last axis varying fastest."""
+    axes: dict[str, list[str]] = {}
+    for override in _parse(arguments, "the sweep"):
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            axes[key] = [f"{key}={override.get_value_element_as_str()}"]
+        elif override.is_discrete_sweep():
+            axes[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            raise ConfigError(f"{override.input_line}: the basic sweeper takes lists of values only (a,b,c, range or "
+                              f"choice), not {override.value_type.name.lower()} sweeps")
+    return [list(job) for job in itertools.product(*axes.values())]
+
+
+def _parse(overrides: Sequence[str], where: str) -> list[Override]:
+    try:
+        return OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as error:
+        raise ConfigError(f"{where} has an override Hydra cannot parse: {error}") from error
+
+
+@contextmanager
+def _hydra() -> Iterator[None]:
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="wavetrain"):
+            yield
     finally:
         GlobalHydra.instance().clear()
 
 
-def _validate_rows(hydra: Hydra, master: DictConfig, jobs: list[list[str]]) -> None:
-    """Compose and validate one job per row (seeds compose alike).  As in Hydra, a job's config is the merge of
-    the group options its group overrides select, then its plain ``key=value`` overrides applied in order; rows
-    sharing their group overrides share the merge, so a grid over plain keys costs one composition per option."""
-    loader = hydra.config_loader
-    parser = OverridesParser.create(config_loader=loader)
+@functools.lru_cache(maxsize=512)
+def _compose(overrides: tuple[str, ...], with_hydra: bool = False) -> DictConfig:
+    """``compose`` as a job of the multirun composes (Hydra's overrides, then the job's); cached, so the rows of a
+    grid over plain keys, and dry runs of one sweep with other plain values, compose once (callers copy)."""
+    with _hydra():
+        return compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
+
+
+def _is_group(override: Override) -> bool:
+    """A config group override (``attention=wda``, ``+sweep=mqar``, ``hydra/launcher=slurm``): Hydra composes it
+    into the defaults list; every other override sets a key of the composed config."""
+    key = override.key_or_group
+    return override.package is not None or key.startswith("hydra/") or (CONF_DIR / key).is_dir()
+
+
+def _validate_rows(hydra_overrides: tuple[str, ...], jobs: list[list[str]]) -> None:
+    """Compose and validate one job per row (seeds compose alike).  As in Hydra, a job's config is the
+    composition of Hydra's overrides and the job's group overrides, then its plain ``key=value`` overrides applied
+    in order; rows sharing their group overrides share the composition."""
     rows: dict[tuple, tuple[int, list[str]]] = {}
     for number, job in enumerate(jobs):
         rows.setdefault(tuple(o for o in job if not o.startswith("seed=")), (number, job))
-    merged: dict[tuple, DictConfig] = {}
     for number, job in rows.values():
         try:
-            parsed = parser.parse_overrides(list(job))
-            plain = [o for o in parsed if not o.is_delete() and o.package is None
-                     and not loader.repository.group_exists(o.key_or_group)]
-            groups = tuple(o.input_line for o in parsed if o not in plain)
-            if groups not in merged:
-                merged[groups] = loader.load_sweep_config(master, list(groups))
-            job_cfg = copy.deepcopy(merged[groups])
-            ConfigLoaderImpl._apply_overrides_to_config(plain, job_cfg)
-            with open_dict(job_cfg):
-                del job_cfg["hydra"]
+            parsed = _parse(job, f"job #{number}")
+            groups = tuple(o.input_line for o in parsed if _is_group(o))
+            job_cfg = copy.deepcopy(_compose(hydra_overrides + groups))
+            for override in parsed:
+                if not _is_group(override):
+                    apply_override(job_cfg, override)
             validate_config(job_cfg)
-        except (HydraException, ConfigError, ValueError) as error:
+        except (HydraException, OmegaConfBaseException, ConfigError, ValueError) as error:
             raise ConfigError(f"job #{number} ({' '.join(job)}) does not compose: {error}") from error
+
+
+def apply_override(cfg: DictConfig, override: Override) -> None:
+    """A plain ``key=value`` / ``+key=value`` / ``++key=value`` / ``~key`` override, with Hydra's rules: a value
+    replaces an existing key only, ``+`` adds a new key only, ``++`` does either, ``~`` deletes an existing key."""
+    key, value = override.key_or_group, override.value()
+    exists = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False,
+                               throw_on_resolution_failure=False) is not _ABSENT
+    if override.is_delete():
+        if not exists:
+            raise ConfigError(f"~{key}: the config has no key {key} to delete")
+        parent, _, leaf = key.rpartition(".")
+        with open_dict(cfg):
+            del (OmegaConf.select(cfg, parent) if parent else cfg)[leaf]
+    elif override.is_add():
+        if exists and OmegaConf.select(cfg, key, throw_on_resolution_failure=False) is not None \
+                and not isinstance(value, (dict, list)):
+            raise ConfigError(f"{override.input_line}: {key} exists already: drop the +, or use ++ to add or override")
+        OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+    elif override.is_force_add():
+        OmegaConf.update(cfg, key, value, merge=True, force_add=True)
+    else:
+        if not exists:
+            raise ConfigError(f"{override.input_line}: the config has no key {key}; to add one use +{override.input_line}")
+        OmegaConf.update(cfg, key, value, merge=True)
+
+
+_ABSENT = object()
 
 
 def dry_run(argv: Sequence[str]) -> int:
