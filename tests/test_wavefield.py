@@ -24,6 +24,7 @@ from wavetrain.models.field_ops import (  # noqa: E402
     causal_fft_conv,
     check_field_causality,
     field_stride,
+    layout_buffers,
     next_fast_len,
 )
 
@@ -45,6 +46,7 @@ def _bypass_guard(seq_len: int, field_size: int, max_seq_len: int) -> WaveFieldA
     module = _attention(seq_len, "auto")
     module.field_size, module.max_seq_len = field_size, max_seq_len
     module.field_stride = field_stride(field_size, max_seq_len)
+    module.field_lower, module.field_frac_bits = layout_buffers(seq_len, module.field_stride, field_size)
     return module
 
 

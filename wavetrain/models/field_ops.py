@@ -9,9 +9,39 @@ causality guard are shared by the Wave Field attention and DWARF condA–F (spec
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
+
+# ---------------------------------------------------------------------------------------------------------------
+# Execution: cache-sized blocks on a CPU, one launch per op on a GPU
+# ---------------------------------------------------------------------------------------------------------------
+
+_BATCHED_ON_CPU = False
+
+
+def cache_blocked(device: torch.device) -> bool:
+    """Whether the FFT-family ops on ``device`` visit their (batch, head, channel, mask) set in cache-sized blocks.
+
+    True on a CPU, where the block sizes are tuned (README benchmark): whole-set transforms at long lengths spill
+    every cache level and fault in fresh pages.  False on CUDA and every other device, where one launch per op over
+    the whole set is what pays (per-block loops leave the GPU launch-bound, issue 15), and on a CPU inside
+    :func:`batched_execution`, so the tests can check the GPU path against the references on a CPU."""
+    return device.type == "cpu" and not _BATCHED_ON_CPU
+
+
+@contextlib.contextmanager
+def batched_execution() -> Iterator[None]:
+    """Run the one-launch-per-op (GPU) execution path of the FFT-family ops on a CPU too, within this block."""
+    global _BATCHED_ON_CPU
+    previous, _BATCHED_ON_CPU = _BATCHED_ON_CPU, True
+    try:
+        yield
+    finally:
+        _BATCHED_ON_CPU = previous
+
 
 
 def next_fast_len(n: int) -> int:
@@ -122,8 +152,9 @@ def field_stride(field_size: int, max_seq_len: int) -> float:
 
 def _bilinear_cells(index: torch.Tensor, stride: float, field_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     # p = clamp(i·s, 0, G−2) in fp32; a = ⌊p⌋ is then already in [0, G−2] and f = p − a in [0, 1), which are the
-    # clamps the spec lists for a and f.
-    stride_f32 = torch.tensor(stride, dtype=torch.float32, device=index.device)
+    # clamps the spec lists for a and f.  torch.full rounds s to fp32 like torch.tensor does, but fills on the device:
+    # torch.tensor(s, device=cuda) copies from the host and synchronises the stream at every call.
+    stride_f32 = torch.full((), stride, dtype=torch.float32, device=index.device)
     position = (index.to(torch.float32) * stride_f32).clamp(0.0, float(field_size - 2))
     lower = position.floor()
     return lower.long(), position - lower
@@ -138,6 +169,24 @@ def bilinear_positions(n_tokens: int, stride: float, field_size: int,
     """
     index = torch.arange(n_tokens, dtype=torch.float32, device=device)
     return _bilinear_cells(index, stride, field_size)
+
+
+def layout_buffers(n_positions: int, stride: float, field_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layout of positions 0..n_positions−1 as two buffers a module registers (``persistent=False``): the lower
+    cells (long) and the fractions as the int32 bit pattern of their fp32 values.
+
+    Computed once, on the CPU, by :func:`bilinear_positions`, which is bit-for-bit the layout
+    :func:`check_field_causality` verified.  Recomputing it at every call would cost a launch and, under
+    torch.compile, let the code generator contract i·s − ⌊i·s⌋ into one fused multiply-add: a fraction that rounds
+    to exactly 0 in the verified layout could come out as 1e−7 and read the next token's cell.  Integer buffers are
+    left alone by ``module.double()``/``.half()``/``.to(dtype)``, which would otherwise round the fractions."""
+    lower, frac = bilinear_positions(n_positions, stride, field_size)
+    return lower, frac.view(torch.int32)
+
+
+def read_layout(lower: torch.Tensor, frac_bits: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower cells and fp32 fractions of the first ``n_tokens`` positions from :func:`layout_buffers`' buffers."""
+    return lower[:n_tokens], frac_bits[:n_tokens].view(torch.float32)
 
 
 def bilinear_scatter(values: torch.Tensor, lower: torch.Tensor, frac: torch.Tensor,
@@ -251,8 +300,8 @@ def check_field_causality(field_size: int, max_seq_len: int, setting: str = "fie
 
 # Real samples per block of rows transformed together on a CPU (8 MiB in fp32).  Whole-field transforms at long
 # lengths allocate 64 MiB buffers that glibc maps fresh from the kernel on every call (the page faults cost about as
-# much as the FFT itself); blocks this size are reused from the heap and stay in cache from scatter to gather.  Other
-# devices transform everything in one block.
+# much as the FFT itself); blocks this size are reused from the heap and stay in cache from scatter to gather.  Where
+# :func:`cache_blocked` is false (GPUs) everything is transformed in one block.
 _BLOCK_SAMPLES = 1 << 21
 
 
@@ -351,5 +400,5 @@ class _BilinearConvGather(torch.autograd.Function):
 
 def _pair_blocks(pairs: int, channels: int, n_fft: int, device: torch.device) -> list[slice]:
     # Consecutive (batch, head) pairs, on a CPU as many per block as fit _BLOCK_SAMPLES padded samples (at least one).
-    step = max(1, _BLOCK_SAMPLES // (channels * n_fft)) if device.type == "cpu" else pairs
+    step = max(1, _BLOCK_SAMPLES // (channels * n_fft)) if cache_blocked(device) else pairs
     return [slice(start, min(start + step, pairs)) for start in range(0, pairs, step)]

@@ -154,6 +154,7 @@ def build_model(cfg: DictConfig, vocab_size: int | None = None) -> LanguageModel
     """Build the LM described by a composed config: LongTensor (B, N) -> logits (B, N, V)."""
     scale, shell = cfg.scale, cfg.model
     dim, n_layers = int(scale.d_model), int(scale.n_layers)
+    check_compile_setting(shell.get("compile", "auto"))
     for key in ("d_model", "n_layers", "n_heads", "ffn_dim"):
         if int(scale[key]) <= 0:
             raise ValueError(f"scale.{key}={scale[key]} must be positive")
@@ -181,6 +182,37 @@ def build_model(cfg: DictConfig, vocab_size: int | None = None) -> LanguageModel
                           tie_head=bool(shell.tie_head))
     apply_init(model, shell.init, float(shell.init_std))
     return model
+
+
+def check_compile_setting(setting: object) -> None:
+    """Refuse a ``model.compile`` value other than auto, true or false, naming the fix."""
+    if setting != "auto" and not isinstance(setting, bool):
+        raise ValueError(f"model.compile={setting!r} is not a compile setting: use model.compile=auto (compiled on "
+                         f"CUDA, eager on CPU), model.compile=true or model.compile=false")
+
+
+def compile_enabled(setting: object, device: torch.device) -> bool:
+    """Whether ``model.compile`` = ``setting`` compiles the model on ``device``: auto compiles on CUDA only (on a
+    CPU the code generation costs more than it saves at the sizes trained there), true and false decide."""
+    check_compile_setting(setting)
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+# torch.compile backend of compile_blocks: inductor generates fused kernels; the tests trace with aot_eager, which
+# runs the same graphs (forward and backward) without code generation, in seconds on a CPU.
+COMPILE_BACKEND = "inductor"
+
+
+def compile_blocks(model: LanguageModel, backend: str | None = None) -> None:
+    """torch.compile every residual block in place (``nn.Module.compile``), as torchtitan does.
+
+    In place, so the module tree, the state_dict keys, checkpoints, resume and ``load_model`` are those of the eager
+    model.  Per block, so the blocks of one model, which run the same code on parameters of the same shapes, share
+    one compiled graph (one forward and one backward to generate, whatever the depth) and compile time stays short.
+    Shapes are static (``dynamic=False``): the FFT lengths are derived from them in Python.  A new input shape or the
+    switch to eval mode compiles once more."""
+    for block in model.blocks:
+        block.compile(backend=backend or COMPILE_BACKEND, dynamic=False)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -29,6 +29,8 @@ from wavetrain.models.field_ops import (
     causal_fft_conv,
     check_field_causality,
     field_stride,
+    layout_buffers,
+    read_layout,
 )
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,10 @@ class WaveFieldAttention(nn.Module):
         self.field_size = field_size
         # A Python float, not a buffer: module.double()/.half() must never alter the fp32 layout the guard verified.
         self.field_stride = field_stride(field_size, self.max_seq_len)
+        # The verified layout of every accepted position, computed once (field_ops.layout_buffers says why).
+        lower, frac_bits = layout_buffers(seq_len, self.field_stride, field_size)
+        self.register_buffer("field_lower", lower, persistent=False)
+        self.register_buffer("field_frac_bits", frac_bits, persistent=False)
         self.gate_bias_init = float(gate_bias_init)
 
         self.qkv_proj = nn.Linear(dim, 3 * dim)
@@ -158,7 +164,7 @@ class WaveFieldAttention(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             key, value = key.to(dtype), value.to(dtype)
             deposit = torch.linalg.vector_norm(key, dim=-1, keepdim=True) * value  # (B, N, H, d_h)
-            lower, frac = bilinear_positions(n_tokens, self.field_stride, self.field_size, device=x.device)
+            lower, frac = read_layout(self.field_lower, self.field_frac_bits, n_tokens)
             field = bilinear_scatter(deposit.transpose(1, 2), lower, frac, self.field_size)
             read = bilinear_gather(self.propagate(field), lower, frac)  # (B, H, N, d_h)
         gate = torch.sigmoid(self.gate_proj(x)).view(batch, n_tokens, self.n_heads, self.head_dim)

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wavetrain.models.field_ops import causal_fft_conv, fft_conv_length
+from wavetrain.models.field_ops import cache_blocked, causal_fft_conv, fft_conv_length
 
 GATE_POOLINGS = ("prefix", "prefix_mixdens", "full")
 DENSITIES = ("sigmoid", "raw", "sampling")
@@ -58,6 +58,7 @@ NORMALISER_EPS = 1e-8  # added to the convolved key signal (§2.5) and to the ga
 CONTENT_EPS = 1e-6  # added to the linear-attention denominator (§2.6)
 CONTENT_CHUNK = 64  # chunk length of the content path's prefix sum (§2.6)
 SAMPLE_CHUNK_ELEMENTS = 1 << 25  # bounds the (kernel × samples) temporary of the stochastic threshold
+# CPU block sizes (field_ops.cache_blocked); a GPU takes each of these in one piece.
 MIXTURE_BLOCK_ELEMENTS = 1 << 18  # spectrum entries per block of the prefix_mixdens mixture (cache-sized)
 RENDER_CHUNK_ELEMENTS = 1 << 20  # (wave × lag) entries per chunk of the mask rendering (cache-sized)
 
@@ -115,7 +116,7 @@ class _WaveBank(torch.autograd.Function):
                 sin_waves: bool) -> torch.Tensor:
         heads, masks, waves, _ = coefficients.shape
         out = amps.new_empty(heads * masks, 1, basis.shape[0])
-        for lags in _lag_chunks(basis.shape[0], amps.numel()):
+        for lags in _lag_chunks(basis.shape[0], amps.numel(), amps.device):
             turns = coefficients.reshape(-1, basis.shape[1]) @ basis[lags].T  # (H·M·W, lags)
             out[..., lags] = amps.reshape(-1, 1, waves) @ _wave(turns, sin_waves).view(heads * masks, waves, -1)
         ctx.save_for_backward(coefficients, amps, basis)
@@ -130,7 +131,7 @@ class _WaveBank(torch.autograd.Function):
         grad_out = grad_out.reshape(heads * masks, 1, -1)
         grad_coefficients = torch.zeros_like(coefficients).view(-1, basis.shape[1])
         grad_amps = torch.zeros_like(amps).view(heads * masks, 1, waves)
-        for lags in _lag_chunks(basis.shape[0], amps.numel()):
+        for lags in _lag_chunks(basis.shape[0], amps.numel(), amps.device):
             turns = coefficients.reshape(-1, basis.shape[1]) @ basis[lags].T
             grad_chunk = grad_out[..., lags]  # (H·M, 1, lags)
             wave = _wave(turns, ctx.sin_waves).view(heads * masks, waves, -1)
@@ -141,8 +142,11 @@ class _WaveBank(torch.autograd.Function):
         return grad_coefficients.view_as(coefficients), grad_amps.view_as(amps), None, None
 
 
-def _lag_chunks(length: int, waves: int) -> list[slice]:
-    """Lag slices of at most RENDER_CHUNK_ELEMENTS (wave × lag) entries (at least one lag) for :class:`_WaveBank`."""
+def _lag_chunks(length: int, waves: int, device: torch.device) -> list[slice]:
+    """Lag slices of at most RENDER_CHUNK_ELEMENTS (wave × lag) entries (at least one lag) for :class:`_WaveBank`;
+    all lags at once where the device is not cache-blocked (GPUs)."""
+    if not cache_blocked(device):
+        return [slice(0, length)]
     step = max(1, RENDER_CHUNK_ELEMENTS // max(1, waves))
     return [slice(start, min(start + step, length)) for start in range(0, length, step)]
 
@@ -245,9 +249,10 @@ class _MaskMixtureConv(torch.autograd.Function):
     for signal z (B, H, C, N), per-mask kernels k (B or 1, H, M, N) and weights w (B, H, M, N).  The weights vary
     with the output position t, so the sum over masks cannot move into the frequency domain: every (mask, channel)
     pair takes its own inverse FFT.  The spectra of z and k are computed once (rfft at n = fft_conv_length(N) ≥ 2N,
-    so the circular convolution equals the linear one on [0, N)); the products, inverse FFTs and the weighted sum
-    then run block by block (:func:`_mixture_blocks`), so no (B, H, M, C, N)-sized temporary exists besides the
-    per-mask convolutions y kept for the backward pass.
+    so the circular convolution equals the linear one on [0, N)); the per-mask convolutions y are kept for the
+    backward pass.  On a GPU the products, inverse FFTs and the weighted sum each run as one launch over every
+    (batch, head, mask, channel); on a CPU they run block by block (:func:`_mixture_blocks`), so no other
+    (B, H, M, C, N)-sized temporary exists.
 
     Backward (g = ∂L/∂out): ∂L/∂w[m, t] = Σ_c g[c, t]·y_m[c, t]; with p_m = w_m ⊙ g, ∂L/∂z = Σ_m corr(k_m, p_m)
     and ∂L/∂k_m = Σ_c corr(z_c, p_{m,c}), the causal cross-correlations irfft(P·conj(K))[:N] and
@@ -261,13 +266,11 @@ class _MaskMixtureConv(torch.autograd.Function):
         n_fft = fft_conv_length(length)
         signal_f = torch.fft.rfft(signal, n=n_fft)  # (B, H, C, F)
         kernel_f = torch.fft.rfft(kernels, n=n_fft)  # (B|1, H, M, F)
-        per_mask = signal.new_empty(batch, heads, kernels.shape[2], channels, length)
-        out = signal.new_zeros(signal.shape)
-        for h, chans, masks in _mixture_blocks(heads, channels, kernels.shape[2], batch * signal_f.shape[-1]):
-            spectra = kernel_f[:, h, masks, None] * signal_f[:, h, None, chans]  # (B, m, c, F)
-            convolved = torch.fft.irfft(spectra, n=n_fft)[..., :length]  # y_m = k_m ∗ z
-            per_mask[:, h, masks, chans] = convolved
-            out[:, h, chans] += torch.einsum("bmn,bmcn->bcn", weights[:, h, masks], convolved)
+        if cache_blocked(signal.device):
+            per_mask, out = _mixture_forward_blocked(signal_f, kernel_f, weights, length, n_fft)
+        else:
+            per_mask = torch.fft.irfft(kernel_f.unsqueeze(3) * signal_f.unsqueeze(2), n=n_fft)[..., :length]
+            out = (weights.unsqueeze(3) * per_mask).sum(2)  # Σ_m w_m ⊙ y_m, (B, H, C, N)
         ctx.save_for_backward(signal_f, kernel_f, weights, per_mask)
         ctx.n_fft, ctx.kernel_batch = n_fft, kernels.shape[0]
         return out
@@ -276,27 +279,64 @@ class _MaskMixtureConv(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         signal_f, kernel_f, weights, per_mask = ctx.saved_tensors
-        batch, heads, channels, length = grad_out.shape
-        need_signal, need_kernels, need_weights = ctx.needs_input_grad
+        needs = ctx.needs_input_grad
         signal_conj, kernel_conj = signal_f.conj().resolve_conj(), kernel_f.conj().resolve_conj()
-        grad_signal_f = torch.zeros_like(signal_f) if need_signal else None
-        grad_kernel_f = torch.zeros_like(kernel_f) if need_kernels else None
-        grad_weights = torch.zeros_like(weights) if need_weights else None
-        for h, chans, masks in _mixture_blocks(heads, channels, weights.shape[2], batch * signal_f.shape[-1]):
-            grad_block = grad_out[:, h, None, chans]  # (B, 1, c, N)
-            if need_weights:  # Σ_c g_c·y_{m,c}
-                grad_weights[:, h, masks] += (grad_block * per_mask[:, h, masks, chans]).sum(2)
-            if not (need_signal or need_kernels):
-                continue
-            weighted_f = torch.fft.rfft(weights[:, h, masks, None] * grad_block, n=ctx.n_fft)  # P_m, (B, m, c, F)
-            if need_signal:  # Σ_m P_m·conj(K_m)
-                grad_signal_f[:, h, chans] += (weighted_f * kernel_conj[:, h, masks, None]).sum(1)
-            if need_kernels:  # Σ_c P_{m,c}·conj(Z_c)
-                products = (weighted_f * signal_conj[:, h, None, chans]).sum(2)  # (B, m, F)
-                grad_kernel_f[:, h, masks] += products.sum(0, keepdim=True) if ctx.kernel_batch == 1 else products
-        grad_signal = torch.fft.irfft(grad_signal_f, n=ctx.n_fft)[..., :length] if need_signal else None
-        grad_kernels = torch.fft.irfft(grad_kernel_f, n=ctx.n_fft)[..., :length] if need_kernels else None
+        if cache_blocked(grad_out.device):
+            grad_signal_f, grad_kernel_f, grad_weights = _mixture_backward_blocked(
+                grad_out, signal_conj, kernel_conj, weights, per_mask, needs, ctx.n_fft, ctx.kernel_batch)
+        else:
+            grad_weights = (grad_out.unsqueeze(2) * per_mask).sum(3) if needs[2] else None  # Σ_c g_c·y_{m,c}
+            weighted_f = torch.fft.rfft(weights.unsqueeze(3) * grad_out.unsqueeze(2), n=ctx.n_fft)  # P, (B,H,M,C,F)
+            grad_signal_f = (weighted_f * kernel_conj.unsqueeze(3)).sum(2) if needs[0] else None
+            grad_kernel_f = None
+            if needs[1]:
+                grad_kernel_f = (weighted_f * signal_conj.unsqueeze(2)).sum(3)  # (B, H, M, F)
+                if ctx.kernel_batch == 1:
+                    grad_kernel_f = grad_kernel_f.sum(0, keepdim=True)
+        length = grad_out.shape[-1]
+        grad_signal = torch.fft.irfft(grad_signal_f, n=ctx.n_fft)[..., :length] if needs[0] else None
+        grad_kernels = torch.fft.irfft(grad_kernel_f, n=ctx.n_fft)[..., :length] if needs[1] else None
         return grad_signal, grad_kernels, grad_weights
+
+
+def _mixture_forward_blocked(signal_f: torch.Tensor, kernel_f: torch.Tensor, weights: torch.Tensor, length: int,
+                             n_fft: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of :class:`_MaskMixtureConv` block by block (CPU): per-mask convolutions y and the mixture."""
+    batch, heads, channels, _ = signal_f.shape
+    masks = kernel_f.shape[2]
+    per_mask = weights.new_empty(batch, heads, masks, channels, length)
+    out = weights.new_zeros(batch, heads, channels, length)
+    for h, chans, mask_slice in _mixture_blocks(heads, channels, masks, batch * signal_f.shape[-1]):
+        spectra = kernel_f[:, h, mask_slice, None] * signal_f[:, h, None, chans]  # (B, m, c, F)
+        convolved = torch.fft.irfft(spectra, n=n_fft)[..., :length]  # y_m = k_m ∗ z
+        per_mask[:, h, mask_slice, chans] = convolved
+        out[:, h, chans] += torch.einsum("bmn,bmcn->bcn", weights[:, h, mask_slice], convolved)
+    return per_mask, out
+
+
+def _mixture_backward_blocked(grad_out: torch.Tensor, signal_conj: torch.Tensor, kernel_conj: torch.Tensor,
+                              weights: torch.Tensor, per_mask: torch.Tensor, needs: tuple[bool, ...], n_fft: int,
+                              kernel_batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None,
+                                                          torch.Tensor | None]:
+    """The backward of :class:`_MaskMixtureConv` block by block (CPU): the spectra of ∂z and ∂k, and ∂w."""
+    batch, heads, channels, _ = grad_out.shape
+    need_signal, need_kernels, need_weights = needs
+    grad_signal_f = torch.zeros_like(signal_conj) if need_signal else None
+    grad_kernel_f = torch.zeros_like(kernel_conj) if need_kernels else None
+    grad_weights = torch.zeros_like(weights) if need_weights else None
+    for h, chans, masks in _mixture_blocks(heads, channels, weights.shape[2], batch * signal_conj.shape[-1]):
+        grad_block = grad_out[:, h, None, chans]  # (B, 1, c, N)
+        if need_weights:  # Σ_c g_c·y_{m,c}
+            grad_weights[:, h, masks] += (grad_block * per_mask[:, h, masks, chans]).sum(2)
+        if not (need_signal or need_kernels):
+            continue
+        weighted_f = torch.fft.rfft(weights[:, h, masks, None] * grad_block, n=n_fft)  # P_m, (B, m, c, F)
+        if need_signal:  # Σ_m P_m·conj(K_m)
+            grad_signal_f[:, h, chans] += (weighted_f * kernel_conj[:, h, masks, None]).sum(1)
+        if need_kernels:  # Σ_c P_{m,c}·conj(Z_c)
+            products = (weighted_f * signal_conj[:, h, None, chans]).sum(2)  # (B, m, F)
+            grad_kernel_f[:, h, masks] += products.sum(0, keepdim=True) if kernel_batch == 1 else products
+    return grad_signal_f, grad_kernel_f, grad_weights
 
 
 def mask_mixture_conv(signal: torch.Tensor, kernels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
