@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test test-fast bench train clean
+.PHONY: install test test-fast bench gpu-check train clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ train:
 # attention benchmark (tables + CSV + PNG under outputs/bench/); e.g. make bench BENCH_ARGS="--attention standard,wavefield"
 bench:
 	$(PY) -m wavetrain.bench $(BENCH_ARGS)
+
+# the GPU check of issue 15 on a CUDA machine: pytest -m cuda, then the GPU tables within ~5 min (suite.md, suite.csv,
+# suite.png, tests.log, trainer_*.json/csv in OUT); e.g. make gpu-check OUT=$OUT PY=python3
+gpu-check:
+	$(PY) -m wavetrain.bench --suite gpu --out $(or $(OUT),outputs/gpu-check)
 
 clean:
 	rm -rf outputs multirun wandb lightning_logs .pytest_cache

@@ -19,6 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: end-to-end runs of the CLI in subprocesses (seconds to a minute)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one); python -m wavetrain.bench "
+                                       "--suite gpu runs them first")
 
 
 @pytest.fixture(autouse=True)

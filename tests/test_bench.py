@@ -262,3 +262,74 @@ def test_overhead_mode_compares_trainer_with_plain_loop(tmp_path: Path, capsys: 
     assert "Trainer ÷ plain loop" in printed
     report = (tmp_path / "overhead.json").read_text()
     assert '"trainer_over_plain"' in report
+
+
+# ------------------------------------------------------------------------------------------------ the GPU check
+def _tiny_plan(out: Path, **changes):
+    from wavetrain.bench.gpu import SuitePlan
+
+    tiny = dict(dim=16, heads=2, layers=1, ffn_dim=32, dropout=0.0)
+    plan = SuitePlan(device=torch.device("cpu"), out=out, step_variants="standard,wavefield",
+                     attention_variants="standard,wavefield,wda@num_masks=0",
+                     step_scales={"13m": tiny, "85m": dict(tiny, layers=2)}, step_tokens=32, step_batch=2, vocab=64,
+                     attention_lengths=(16, 32), compiled_attention_lengths=(32,), attention_dim=16,
+                     attention_heads=2, warmup=0, repeats=2, trainer_steps=4, trainer_scale="tiny",
+                     precision="32-true")
+    for key, value in changes.items():
+        setattr(plan, key, value)
+    return plan
+
+
+@pytest.mark.slow
+def test_gpu_suite_writes_every_table_row_by_row_and_reports_errors_in_rows(tmp_path: Path, monkeypatch,
+                                                                             capsys) -> None:
+    """The whole --suite gpu flow at toy sizes on the CPU (compiled cases traced with aot_eager): every section
+    writes its table, a case that fails says why in its row, the pytest output is kept."""
+    import subprocess
+
+    from wavetrain.bench import gpu
+    from wavetrain.models import lm
+
+    monkeypatch.setattr(lm, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(gpu.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(
+        command, 0, stdout="....\n=== 4 passed, 1 skipped in 3.2s ===\n", stderr=""))
+    sections = ("tests", "step85_standard", "step13", "attention", "step85", "trainer")
+    suite = gpu.run_suite(_tiny_plan(tmp_path, sections=sections, step_variants="wavefield"))
+    tables = gpu.suite_results(tmp_path)
+    assert set(tables) == {"tests", "step85", "step13", "attention", "trainer"}
+    assert tables["tests"][0]["result"] == "4 passed, 1 skipped in 3.2s" and (tmp_path / "tests.log").exists()
+    assert [(r["attention"], r["mode"]) for r in tables["step13"]] == [
+        ("standard", "eager"), ("wavefield", "eager"), ("standard", "compiled"), ("wavefield", "compiled")]
+    assert [r["attention"] for r in tables["step85"]] == ["standard"] * 2 + ["wavefield"] * 2
+    for row in tables["step13"] + tables["step85"]:
+        assert float(row["step ms"].replace(",", "")) > 0 and row["× standard"], row
+    assert all(r["compile s"] for r in tables["step13"] if r["mode"] == "compiled")
+    attention = {(r["attention"], r["N"]): r for r in tables["attention"]}
+    assert float(attention[("standard", "32")]["SDPA ÷ this"]) == 1.0
+    assert attention[("wda@num_masks=0", "16")]["notes"].startswith("error: ValueError: attention.num_masks=0")
+    trainer = tables["trainer"][0]
+    assert trainer["steps"] == "4" and float(trainer["tokens/s"]) > 0 and not trainer["notes"]
+    assert (tmp_path / "trainer_results.json").exists() and (tmp_path / "trainer_metrics.csv").exists()
+    document = (tmp_path / "suite.md").read_text()
+    assert "## Training step at the 13M shape" in document and "| wavefield | compiled |" in document
+    assert (tmp_path / "suite.png").read_bytes()[:4] == b"\x89PNG" and not suite.not_run
+    assert len(list(tmp_path.iterdir())) <= 8  # what a GPU machine's output folder returns
+
+
+def test_gpu_suite_stops_at_the_time_limit_and_says_what_is_left(tmp_path: Path, capsys) -> None:
+    from wavetrain.bench import gpu
+
+    suite = gpu.run_suite(_tiny_plan(tmp_path, sections=("step13", "attention"), time_limit=1e-3))
+    assert not any(table.rows for table in suite.tables.values())
+    assert "step13: standard compiled" in suite.not_run and "attention: wavefield N=32" in suite.not_run
+    assert "## Not run (time limit)" in (tmp_path / "suite.md").read_text()
+    printed = capsys.readouterr().out
+    assert "--suite gpu --sections attention --attention wavefield,wda@num_masks=0 --out DIR" in printed
+    assert "--suite gpu --sections step13 --attention wavefield --out DIR" in printed
+
+
+def test_gpu_suite_arguments_are_checked(capsys) -> None:
+    assert main(["--suite", "gpu", "--device", "cpu"]) == 2
+    assert "GPU machine" in capsys.readouterr().err
+    assert main(["--suite", "gpu", "--device", "cpu", "--sections", "step13,nope"]) == 2
+    assert "--sections" in capsys.readouterr().err

@@ -92,6 +92,21 @@ def test_compile_blocks_in_place_keeps_keys_shares_one_graph_and_equals_eager() 
     assert all(p.grad is not None for p in model.blocks[-1].parameters())
 
 
+@pytest.mark.parametrize("name, extra", [("wda", ["attention.gate_pooling=prefix_mixdens"]), ("wavefield", [])],
+                         ids=["wda-prefix_mixdens", "wavefield"])
+def test_compiled_blocks_train_under_bf16_autocast(name: str, extra: list[str]) -> None:
+    """torch.compile traces the backward inside the caller's autocast region: the hand-written backward passes
+    must still run in fp32 (a bf16 matmul into an fp32 accumulator fails)."""
+    torch.manual_seed(0)
+    model = build_model(compose_config([f"attention={name}", *TINY_SHAPE, *extra]), vocab_size=11)
+    compile_blocks(model, backend="aot_eager")
+    ids = torch.randint(11, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids).float().logsumexp(-1).mean()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_compile_setting_auto_is_cuda_only_and_bad_values_name_the_fix() -> None:
     assert compile_enabled("auto", torch.device("cuda")) and not compile_enabled("auto", torch.device("cpu"))
     assert compile_enabled(True, torch.device("cpu")) and not compile_enabled(False, torch.device("cuda"))

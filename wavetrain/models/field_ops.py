@@ -69,6 +69,20 @@ def fft_conv_length(length: int) -> int:
     return n
 
 
+def autocast_off_backward(backward):
+    """Run an autograd.Function's ``backward`` with autocast off, as its forward runs.
+
+    Eager backward passes run outside the caller's autocast region, but torch.compile traces the backward graph
+    together with the forward, inside it: without this, a matmul of the backward would be cast to bf16 (and
+    baddbmm_ into an fp32 accumulator then fails on the mixed dtypes)."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        device = next(g.device.type for g in grads if g is not None)
+        with torch.autocast(device_type=device, enabled=False):
+            return backward(ctx, *grads)
+    return wrapper
+
+
 def _fft_dtype(*tensors: torch.Tensor) -> torch.dtype:
     # torch.fft rejects bf16/fp16 on CPU and loses too much precision on GPU: compute in fp32, or fp64 for tests.
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -115,6 +129,7 @@ class _CausalFFTConv(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @autocast_off_backward
     def backward(ctx, grad_out: torch.Tensor):
         signal_f, kernel_f = ctx.saved_tensors
         n_fft, length = ctx.n_fft, ctx.length
@@ -375,6 +390,7 @@ class _BilinearConvGather(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @autocast_off_backward
     def backward(ctx, grad_out: torch.Tensor):
         kernel_f, head_of_pair, lower, frac, *spectra = ctx.saved_tensors
         heads, bins = kernel_f.shape

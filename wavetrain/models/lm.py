@@ -203,16 +203,21 @@ def compile_enabled(setting: object, device: torch.device) -> bool:
 COMPILE_BACKEND = "inductor"
 
 
+def compile_in_place(module: nn.Module, backend: str | None = None) -> None:
+    """``module.compile()`` with static shapes (``dynamic=False``: the FFT lengths are derived from them in Python)
+    and the COMPILE_BACKEND unless ``backend`` is given."""
+    module.compile(backend=backend or COMPILE_BACKEND, dynamic=False)
+
+
 def compile_blocks(model: LanguageModel, backend: str | None = None) -> None:
     """torch.compile every residual block in place (``nn.Module.compile``), as torchtitan does.
 
     In place, so the module tree, the state_dict keys, checkpoints, resume and ``load_model`` are those of the eager
     model.  Per block, so the blocks of one model, which run the same code on parameters of the same shapes, share
     one compiled graph (one forward and one backward to generate, whatever the depth) and compile time stays short.
-    Shapes are static (``dynamic=False``): the FFT lengths are derived from them in Python.  A new input shape or the
-    switch to eval mode compiles once more."""
+    A new input shape or the switch to eval mode compiles once more (:func:`compile_in_place`: static shapes)."""
     for block in model.blocks:
-        block.compile(backend=backend or COMPILE_BACKEND, dynamic=False)
+        compile_in_place(block, backend)
 
 
 def count_parameters(model: nn.Module) -> int:

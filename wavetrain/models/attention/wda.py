@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wavetrain.models.field_ops import cache_blocked, causal_fft_conv, fft_conv_length
+from wavetrain.models.field_ops import autocast_off_backward, cache_blocked, causal_fft_conv, fft_conv_length
 
 GATE_POOLINGS = ("prefix", "prefix_mixdens", "full")
 DENSITIES = ("sigmoid", "raw", "sampling")
@@ -125,6 +125,7 @@ class _WaveBank(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @autocast_off_backward
     def backward(ctx, grad_out: torch.Tensor):
         coefficients, amps, basis = ctx.saved_tensors
         heads, masks, waves, _ = coefficients.shape
@@ -192,6 +193,7 @@ class _StochasticThreshold(torch.autograd.Function):
         return ((n_samples - at_or_below).transpose(-1, -2).to(kernel.dtype)) / n_samples
 
     @staticmethod
+    @autocast_off_backward
     def backward(ctx, grad_density: torch.Tensor):
         kernel, noise = ctx.saved_tensors
         surrogate = _sum_over_sample_chunks(kernel, noise, ctx.step_alpha, derivative=True)
@@ -277,6 +279,7 @@ class _MaskMixtureConv(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @autocast_off_backward
     def backward(ctx, grad_out: torch.Tensor):
         signal_f, kernel_f, weights, per_mask = ctx.saved_tensors
         needs = ctx.needs_input_grad
