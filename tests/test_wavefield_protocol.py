@@ -349,8 +349,10 @@ def test_diagnostics_command_on_a_trained_checkpoint(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     report = (out / "wavefield_diagnostics.md").read_text()
     assert report.strip() in done.stdout
-    for heading in ("## Wave kernels", "## Head coupling", "## Field interference", "## Field layout"):
-        assert heading in report
+    for heading in ("## Wave kernels", "## Head coupling", "## Energy flow", "## Field interference",
+                    "## Prediction confidence", "## The test sentence token by token", "## Field layout",
+                    "## Verdicts"):
+        assert heading in report, heading
     omega = frequencies[0].item()
     assert f"{omega:.4g}" != "0.3" and f"| 0 | 0 | {omega:.4g} |" in report  # the trained ω, not the init
     assert (out / "wavefield_kernels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

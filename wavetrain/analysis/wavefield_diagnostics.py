@@ -1,10 +1,14 @@
-"""Reports on the learned wave parameters of a Wave Field model (spec wavefield.md §6, "physics-based diagnostics").
+"""Reports on a trained Wave Field model (spec wavefield.md §6, "physics-based diagnostics").
 
 They reproduce the reference's printed reports (09b58e5:diagnostics/diagnose_physics.py, diagnose_bpe.py): descriptive
 tables, not pass/fail tests.  Every function takes any nn.Module containing ``WaveFieldAttention`` /
-``FieldInterference`` sub-modules, found in module order.
+``FieldInterference`` sub-modules, found in module order.  From the parameters alone: the kernel table (§6.1), the
+head coupling (§6.2), the interference temperatures (§6.4) and the field layout (§6.6); from one test sentence run
+through the model: the energy flow and gate activations (§6.3), the per-token interference strengths s_t (§6.4),
+the prediction confidence (§6.5) and the layout of that sentence (§6.6), then the rule-based verdicts of §6.6
+(resolution, kernel range, vocabulary pressure, field/sequence ratio).
 
-    python -m wavetrain.analysis.wavefield_diagnostics CKPT --out DIR
+    python -m wavetrain.analysis.wavefield_diagnostics CKPT --out DIR [--text "..."] [--tokenizer tokenizer.json]
 """
 from __future__ import annotations
 
@@ -127,20 +131,90 @@ def interference_report(model: nn.Module, inputs: object | None = None) -> list[
                "temperature": temperature, "temperature_label": _temperature_label(temperature)}
         if index in strengths:
             mean_strength = float(strengths[index].mean())
-            row.update(mean_strength=mean_strength, strength_label=_strength_label(mean_strength))
+            row.update(mean_strength=mean_strength, strength_label=_strength_label(mean_strength),
+                       strengths=strengths[index].reshape(-1).tolist())
         rows.append(row)
     return rows
 
 
+def _gate_label(activation: float) -> str:
+    return "HIGH" if activation > 0.6 else "MED" if activation > 0.4 else "LOW"
+
+
 @torch.no_grad()
-def field_report(model: nn.Module) -> list[dict]:
-    """Field utilisation and the rule-based verdicts of spec §6.6, per layer, for a full-length input (N = seq_len).
+def energy_flow(model: nn.Module, inputs: torch.Tensor) -> list[dict]:
+    """Per Wave Field layer, for one input sequence (spec §6.3): the L2 norm of each token's attention input
+    (the LN1 output, so it mostly shows the LayerNorm gain, not residual-stream energy), the per-token gate
+    activation = channel mean of σ(W_g h + b_g) with its label (HIGH > 0.6, MED > 0.4, else LOW), and the change
+    of the mean norm from the first Wave Field layer (``change_pct``)."""
+    modules = _modules_of(model, WaveFieldAttention)
+    seen: dict[int, torch.Tensor] = {}
+
+    def record(index: int):
+        def hook(module: WaveFieldAttention, args: tuple) -> None:
+            seen[index] = args[0].detach()
+        return hook
+
+    handles = [module.register_forward_pre_hook(record(i)) for i, (_, module) in enumerate(modules)]
+    was_training = model.training
+    try:
+        model.eval()
+        model(inputs)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    rows = []
+    for index, (name, module) in enumerate(modules):
+        x = seen[index][0].float()  # the first sequence of the batch
+        norms = x.norm(dim=-1)
+        gates = torch.sigmoid(module.gate_proj(seen[index][0]).float()).mean(-1)
+        labels = [_gate_label(g) for g in gates.tolist()]
+        rows.append({"layer": index, "module": name, "norms": norms.tolist(), "mean_norm": float(norms.mean()),
+                     "gates": gates.tolist(), "gate_labels": labels, "mean_gate": float(gates.mean()),
+                     "gate_label": _gate_label(float(gates.mean())),
+                     "gate_counts": {label: labels.count(label) for label in ("HIGH", "MED", "LOW")}})
+    first = rows[0]["mean_norm"] if rows else 0.0
+    for row in rows:
+        row["change_pct"] = 100.0 * (row["mean_norm"] - first) / first if first else 0.0
+    return rows
+
+
+@torch.no_grad()
+def confidence_report(model: nn.Module, ids: torch.Tensor, decode=str) -> dict:
+    """Prediction confidence on one sequence (spec §6.5): per position the largest softmax probability, the argmax
+    token (as ``decode(id)`` text too), whether it hits the next token, and the entropy; their means, the hit rate,
+    and ln V for scale."""
+    was_training = model.training
+    try:
+        model.eval()
+        logits = model(ids[:1]).float()[0]
+    finally:
+        model.train(was_training)
+    probabilities = torch.softmax(logits, dim=-1)
+    top, argmax = probabilities.max(dim=-1)
+    entropy = -(probabilities * probabilities.clamp(min=1e-30).log()).sum(-1)
+    targets = ids[0, 1:]
+    hits = (argmax[:-1] == targets).tolist() + [None]  # the last position has no next token in the sequence
+    scored = [h for h in hits if h is not None]
+    return {"max_prob": top.tolist(), "argmax": argmax.tolist(), "argmax_text": [decode(i) for i in argmax.tolist()],
+            "hit": hits, "entropy": entropy.tolist(),
+            "mean_max_prob": float(top.mean()), "mean_entropy": float(entropy.mean()),
+            "max_entropy": math.log(logits.shape[-1]), "hit_rate": sum(scored) / len(scored) if scored else None,
+            "vocab_size": logits.shape[-1]}
+
+
+@torch.no_grad()
+def field_report(model: nn.Module, n_tokens: int | None = None) -> list[dict]:
+    """Field utilisation and the per-layer verdicts of spec §6.6, for an input of ``n_tokens`` tokens (the test
+    sentence; default: a full-length input, N = seq_len).
 
     Overlaps count tokens that write a cell (with non-zero bilinear weight) an earlier token already wrote.
     """
     rows = []
     for layer, (name, module) in enumerate(_modules_of(model, WaveFieldAttention)):
-        lower, frac = bilinear_positions(module.seq_len, module.field_stride, module.field_size)
+        n = min(n_tokens or module.seq_len, module.seq_len)
+        lower, frac = bilinear_positions(n, module.field_stride, module.field_size)
         position = lower.double() + frac.double()
         used: set[int] = set()
         overlaps = 0
@@ -153,7 +227,8 @@ def field_report(model: nn.Module) -> list[dict]:
         short = sum(r < 3 * stride for r in ranges)
         rows.append({
             "layer": layer, "module": name, "field_size": size, "max_seq_len": module.max_seq_len,
-            "seq_len": module.seq_len, "stride": stride,
+            "seq_len": module.seq_len, "n_tokens": n, "stride": stride, "short_range_heads": short,
+            "heads": len(ranges),
             "utilisation": float(position[-1]) / (size - 1),
             "mean_gap": float(position.diff().mean()) if len(position) > 1 else 0.0,
             "overlaps": overlaps,
@@ -164,32 +239,87 @@ def field_report(model: nn.Module) -> list[dict]:
     return rows
 
 
+def vocab_pressure(model: nn.Module) -> dict:
+    """Vocabulary pressure of spec §6.6: V / D, the vocabulary per embedding width (the reference's V/256 at its
+    D = 256; the BPE-8K model's 31× is what its docs blame for the capacity gap, spec §8); WARNING above 20."""
+    embedding = next(m for m in model.modules() if isinstance(m, nn.Embedding))
+    vocab, dim = embedding.weight.shape
+    ratio = vocab / dim
+    return {"vocab_size": vocab, "dim": dim, "ratio": ratio, "verdict": "WARNING" if ratio > 20 else "OK"}
+
+
+def verdicts(field: Sequence[dict], pressure: dict) -> list[tuple[str, str, str]]:
+    """The rule-based verdicts of spec §6.6 as (check, verdict, why) rows, worst layer first where they vary."""
+    rank = {"CRITICAL": 0, "WARNING": 1, "OK": 2}
+    worst = {key: min(field, key=lambda r: rank[r[key]]) for key in ("resolution", "kernel_range", "field_ratio")}
+    resolution, reach, ratio = worst["resolution"], worst["kernel_range"], worst["field_ratio"]
+    return [
+        ("resolution", resolution["resolution"], f"stride s = {resolution['stride']:.4g} cells/token "
+         "(CRITICAL if s < 2, WARNING if s < 4)"),
+        ("kernel range", reach["kernel_range"], f"{reach['short_range_heads']}/{reach['heads']} heads of layer "
+         f"{reach['layer']} reach less than 3 token spacings (CRITICAL if more than half)"),
+        ("vocabulary pressure", pressure["verdict"], f"V / D = {pressure['vocab_size']} / {pressure['dim']} = "
+         f"{pressure['ratio']:.3g} (WARNING if > 20)"),
+        ("field / sequence", ratio["field_ratio"], f"G / M = {ratio['field_size']} / {ratio['max_seq_len']} = "
+         f"{ratio['field_size'] / ratio['max_seq_len']:.3g} (WARNING if < 4)"),
+    ]
+
+
+def _at(curve: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """The curve linearly interpolated at fractional cell positions (the bilinear read of a whole-token lag)."""
+    lower = position.floor().long().clamp(max=len(curve) - 1)
+    frac = position - lower
+    return (1 - frac) * curve[lower] + frac * curve[(lower + 1).clamp(max=len(curve) - 1)]
+
+
 @torch.no_grad()
 def plot_kernels(model: nn.Module, path: Path) -> Path:
-    """PNG of the normalised kernels k̂_h(t), one panel per layer, one curve per head (matplotlib Agg)."""
+    """PNG of the normalised kernels k̂_h, one panel per (layer, head): rows are layers, columns heads, the x axis the
+    lag in tokens (cells / stride, one tick per token spacing), dots at whole-token lags, where a token reads the
+    deposits of the tokens before it; each panel titled with ω, α, its 10 % range in tokens and its role (§6.1)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, MultipleLocator
 
     modules = _modules_of(model, WaveFieldAttention)
     if not modules:
         raise ValueError("plot_kernels: the model has no WaveFieldAttention layers")
-    fig, axes = plt.subplots(len(modules), 1, figsize=(9, 2.6 * len(modules)), squeeze=False)
-    for layer, ((name, module), axis) in enumerate(zip(modules, axes[:, 0])):
+    heads = max(module.n_heads for _, module in modules)
+    fig, axes = plt.subplots(len(modules), heads, figsize=(1.9 * heads + 0.6, 1.55 * len(modules) + 0.8),
+                             squeeze=False, sharex="row")
+    for layer, (name, module) in enumerate(modules):
         kernels = module.kernels().double().cpu()
+        stride = module.field_stride
         alphas = torch.nn.functional.softplus(module.wave_damping.double()).tolist()
         longest = max(effective_range(a, module.field_size) for a in alphas)
-        # show three envelope ranges of the slowest head, but at least 8 token spacings
-        span = min(module.field_size, max(3 * longest, math.ceil(8 * module.field_stride), 8))
-        lag = torch.arange(span)
-        for head in range(kernels.shape[0]):
-            axis.plot(lag.numpy(), kernels[head, :span].numpy(), label=f"h{head}", linewidth=1.0)
-        axis.axhline(0.0, color="0.6", linewidth=0.5)
-        axis.set_title(f"layer {layer} ({name}): stride {module.field_stride:.4g} cells/token", fontsize=9)
-        axis.set_ylabel("k̂(t)")
-        axis.legend(fontsize=7, ncol=min(kernels.shape[0], 8), loc="upper right")
-    axes[-1, 0].set_xlabel("lag t (field cells)")
+        # three envelope ranges of the slowest head, at least 8 tokens, at most the sequence
+        tokens = max(8, min(module.seq_len, math.ceil(3 * longest / stride)))
+        cells = min(module.field_size, math.floor(tokens * stride) + 1)
+        lag_cells = torch.arange(cells, dtype=torch.float64)
+        token_lags = torch.arange(0, math.floor((cells - 1) / stride) + 1, dtype=torch.float64)
+        for head in range(heads):
+            axis = axes[layer, head]
+            if head >= module.n_heads:
+                axis.axis("off")
+                continue
+            curve = kernels[head, :cells]
+            at_tokens = _at(curve, token_lags * stride)
+            axis.plot((lag_cells / stride).numpy(), curve.numpy(), lw=0.9, color="tab:blue")
+            axis.plot(token_lags.numpy(), at_tokens.numpy(), "o", ms=2.2, color="tab:red")
+            axis.axhline(0.0, color="0.6", lw=0.5)
+            omega, alpha = float(module.wave_frequency[head]), alphas[head]
+            reach = effective_range(alpha, module.field_size) / stride
+            axis.set_title(f"L{layer} h{head} {kernel_role(omega, alpha)}\nω {omega:.2f} α {alpha:.2f} "
+                           f"R {reach:.3g} tok", fontsize=6.5)
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+            axis.xaxis.set_minor_locator(MultipleLocator(1))  # a minor tick at every token (= stride cells)
+            axis.tick_params(labelsize=6)
+        axes[layer, 0].set_ylabel(f"layer {layer}\nk̂ (stride {stride:.3g})", fontsize=7)
+    for axis in axes[-1]:
+        axis.set_xlabel("lag (tokens)", fontsize=7)
+    fig.suptitle("Wave Field kernels k̂_h(lag): line = every field cell, dots = whole-token lags", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,8 +337,47 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+def _energy_section(energy: Sequence[dict]) -> str:
+    rows = [[r["layer"], r["module"], r["mean_norm"], f"{r['change_pct']:+.1f} %", r["mean_gate"], r["gate_label"],
+             " / ".join(str(r["gate_counts"][k]) for k in ("HIGH", "MED", "LOW"))] for r in energy]
+    change = energy[-1]["change_pct"] if energy else 0.0
+    return ("## Energy flow and gates (spec §6.3)\n\n"
+            "Mean L2 norm of the tokens' attention inputs (the LN1 output: it mostly shows the LayerNorm gain, not "
+            "residual-stream energy) and the gate activation, channel mean of σ(W_g h + b_g) (HIGH > 0.6, MED > 0.4, "
+            "else LOW), for the test sentence.\n\n"
+            + _table(["layer", "module", "mean ‖h‖", "vs layer 0", "mean gate", "gate", "tokens HIGH / MED / LOW"], rows)
+            + f"\n\nnorm change from the first to the last Wave Field layer: {change:+.1f} %")
+
+
+def _per_token_section(tokens: Sequence[str], energy: Sequence[dict] | None, interference: Sequence[dict] | None,
+                       confidence: dict | None) -> str:
+    strengths = [r for r in interference or [] if "strengths" in r]
+    header = ["t", "token", "next"]
+    header += ["max p", "argmax", "hit", "entropy"] if confidence else []
+    header += [f"s_t {r['module']}" for r in strengths]
+    header += ["mean gate"] if energy else []
+    rows = []
+    for t, token in enumerate(tokens):
+        row = [t, _show(token), _show(tokens[t + 1]) if t + 1 < len(tokens) else "—"]
+        if confidence:
+            hit = confidence["hit"][t]
+            row += [confidence["max_prob"][t], _show(confidence["argmax_text"][t]), "—" if hit is None else
+                    ("yes" if hit else "no"), confidence["entropy"][t]]
+        row += [r["strengths"][t] for r in strengths]
+        if energy:
+            row.append(sum(layer["gates"][t] for layer in energy) / len(energy))
+        rows.append(row)
+    return "## The test sentence token by token (spec §6.4, §6.5)\n\n" + _table(header, rows)
+
+
+def _show(token: str) -> str:
+    return "`" + token.replace("`", "'").replace("|", "\\|").replace("\n", "\\n") + "`"
+
+
 def format_markdown(kernels: Sequence[dict] | None = None, coupling: Sequence[dict] | None = None,
-                    interference: Sequence[dict] | None = None, field: Sequence[dict] | None = None) -> str:
+                    interference: Sequence[dict] | None = None, field: Sequence[dict] | None = None,
+                    energy: Sequence[dict] | None = None, confidence: dict | None = None,
+                    pressure: dict | None = None, tokens: Sequence[str] | None = None) -> str:
     """The reports above as Markdown sections (any subset)."""
     sections = []
     if kernels:
@@ -233,20 +402,53 @@ def format_markdown(kernels: Sequence[dict] | None = None, coupling: Sequence[di
                   f"of ln H = {report['max_entropy']:.4g} ({'diverse' if report['diverse'] else 'concentrated'}); "
                   f"strong (> 0.15): {strong}")
         sections.append("\n\n".join(parts))
+    if energy:
+        sections.append(_energy_section(energy))
     if interference:
         has_strength = any("mean_strength" in r for r in interference)
-        header = ["module", "τ_raw", "τ", "label"] + (["mean s_t", "strength"] if has_strength else [])
+        header = ["module", "τ_raw", "τ", "label"] + (["mean s_t", "min s_t", "max s_t", "strength"]
+                                                      if has_strength else [])
         rows = [[r["module"], r["tau_raw"], r["temperature"], r["temperature_label"]]
-                + ([r.get("mean_strength", "-"), r.get("strength_label", "-")] if has_strength else [])
+                + ([r.get("mean_strength", "-"), min(r.get("strengths") or [math.nan]),
+                    max(r.get("strengths") or [math.nan]), r.get("strength_label", "-")] if has_strength else [])
                 for r in interference]
-        sections.append("## Field interference (spec §6.4)\n\n" + _table(header, rows))
+        sections.append("## Field interference (spec §6.4)\n\n" + _table(header, rows)
+                        + ("\n\ns_t = σ(⟨x̂_t, ĝ_t⟩/τ) per token of the test sentence (its values below); mean > 0.55 "
+                           "AMPLIFIED, < 0.45 SUPPRESSED" if has_strength else ""))
+    if confidence:
+        hit_rate = confidence["hit_rate"]
+        sections.append(
+            "## Prediction confidence (spec §6.5)\n\n"
+            f"mean max probability {confidence['mean_max_prob']:.4g}; next-token hits "
+            f"{'—' if hit_rate is None else f'{hit_rate:.1%}'}; mean entropy {confidence['mean_entropy']:.4g} nats "
+            f"of ln V = {confidence['max_entropy']:.4g} (V = {confidence['vocab_size']})")
+    if tokens and (confidence or energy or any("strengths" in r for r in interference or [])):
+        sections.append(_per_token_section(tokens, energy, interference, confidence))
     if field:
-        sections.append("## Field layout (spec §6.6)\n\n" + _table(
+        n = field[0].get("n_tokens", field[0]["seq_len"])
+        sections.append(f"## Field layout (spec §6.6), N = {n} tokens\n\n" + _table(
             ["layer", "G", "M", "stride", "utilisation", "mean gap", "overlaps", "resolution", "kernel range",
              "G/M"],
             [[r["layer"], r["field_size"], r["max_seq_len"], r["stride"], r["utilisation"], r["mean_gap"],
               r["overlaps"], r["resolution"], r["kernel_range"], r["field_ratio"]] for r in field]))
+        if pressure:
+            sections.append("## Verdicts (spec §6.6)\n\n" + _table(["check", "verdict", "why"],
+                                                                   verdicts(field, pressure)))
     return "\n\n".join(sections) + "\n"
+
+
+DEFAULT_TEXT = "the history of the city begins in the middle ages , when a small market grew around the old bridge ."
+
+
+def encode_text(checkpoint: Path, cfg, text: str, tokenizer_path: Path | None):
+    """(token ids (1, N) of ``text`` under the run's own tokenizer, N ≤ seq_len; that tokenizer)."""
+    from wavetrain.eval.passkey import find_tokenizer
+
+    tokenizer, _ = find_tokenizer(checkpoint, cfg, tokenizer_path)
+    ids = tokenizer.encode(text)[: int(cfg.seq_len)]
+    if len(ids) < 2:
+        raise ValueError(f"--text {text!r} encodes to {len(ids)} token(s): give a sentence of at least two tokens")
+    return torch.tensor([ids]), tokenizer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -255,15 +457,25 @@ def main(argv: list[str] | None = None) -> None:
                                      description="Wave Field diagnostics of a trained checkpoint (spec §6)")
     parser.add_argument("checkpoint", type=Path, help="checkpoint written by wavetrain training")
     parser.add_argument("--out", type=Path, required=True, help="directory for the report and the kernel plot")
+    parser.add_argument("--text", default=DEFAULT_TEXT, help="the test sentence run through the model (§6.3–§6.6)")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="the run's tokenizer.json (default: the one in the run directory or the data cache)")
     args = parser.parse_args(argv)
 
     from wavetrain import load_model
 
-    model, _ = load_model(args.checkpoint)
+    model, cfg = load_model(args.checkpoint)
     if not _modules_of(model, WaveFieldAttention):
         raise SystemExit(f"{args.checkpoint}: the model has no WaveFieldAttention layers, nothing to report")
-    report = format_markdown(kernel_table(model), coupling_report(model), interference_report(model),
-                             field_report(model))
+    try:
+        ids, tokenizer = encode_text(args.checkpoint, cfg, args.text, args.tokenizer)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"wavefield_diagnostics: {error}") from None
+    decode = lambda token_id: tokenizer.decode([token_id])  # noqa: E731
+    report = format_markdown(kernel_table(model), coupling_report(model), interference_report(model, ids),
+                             field_report(model, ids.shape[1]), energy_flow(model, ids),
+                             confidence_report(model, ids, decode), vocab_pressure(model),
+                             [decode(i) for i in ids[0].tolist()])
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "wavefield_diagnostics.md").write_text(report, encoding="utf-8")
