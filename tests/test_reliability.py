@@ -1,4 +1,4 @@
-"""Reliability (wavetrain/reliability.py): exact resume after kill -9, preemption signals, atomic and corrupt
+"""Reliability (wavetrain/run/): exact resume after kill -9, preemption signals, atomic and corrupt
 checkpoints, the NaN guard, run-directory hygiene, and bad inputs that fail before anything is written."""
 from __future__ import annotations
 
@@ -19,8 +19,11 @@ from wavetrain import compose_config, config
 from wavetrain.config import ConfigError, check_cli_overrides, run_stamp
 from wavetrain.data.sources import DataError
 from wavetrain.lightning_module import LanguageModelTask
-from wavetrain.reliability import (AtomicCheckpointIO, CheckpointError, NonFiniteLossError, RunDirInUse,
-                                   RunDirLock, RunPositionSampler, inspect_checkpoint, plan_resume)
+from wavetrain.run.checkpoint_io import AtomicCheckpointIO, CheckpointError, inspect_checkpoint
+from wavetrain.run.determinism import RunPositionSampler
+from wavetrain.run.guards import NonFiniteLossError
+from wavetrain.run.resume import plan_resume
+from wavetrain.run.rundir import RunDirInUse, RunDirLock
 from wavetrain.train import resolve_precision, train
 
 TINY = ["scale=tiny", "seq_len=32", "data.batch_size=8", "data.val_windows=16", "optim.warmup_steps=2",

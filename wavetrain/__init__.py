@@ -12,6 +12,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from wavetrain.config import compose_config  # noqa: E402
 from wavetrain.models.lm import build_attention, build_model  # noqa: E402
-from wavetrain.checkpoints import load_model  # noqa: E402
+from wavetrain.run.checkpoint_io import load_model  # noqa: E402
 
 __all__ = ["compose_config", "build_model", "build_attention", "load_model"]

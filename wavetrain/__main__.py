@@ -48,7 +48,7 @@ def record_failure(cfg: DictConfig, error: BaseException) -> None:
     from pathlib import Path
 
     from wavetrain.callbacks import write_json_atomic
-    from wavetrain.reliability import RunDirInUse, read_results
+    from wavetrain.run.rundir import RunDirInUse, read_results
 
     previous = read_results(Path.cwd() / cfg.run.results_file)
     if isinstance(error, RunDirInUse) or (previous or {}).get("status") == "done":

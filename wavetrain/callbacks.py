@@ -84,7 +84,7 @@ class RunSummary(L.Callback):
 
     It runs inside the process that trained (with ddp_spawn that is a worker, whose step count and metrics the
     launching process never sees), so it is the one place that knows the final state.  Any callback with a
-    ``summary() -> dict`` method adds its entries (e.g. wavetrain.reliability.NonFiniteGuard: skipped_steps)."""
+    ``summary() -> dict`` method adds its entries (e.g. wavetrain.run.guards.NonFiniteGuard: skipped_steps)."""
 
     def __init__(self, path: Path, checkpoints: L.Callback, throughput: ThroughputMonitor, static: dict) -> None:
         self.path, self.checkpoints, self.throughput, self.static = path, checkpoints, throughput, static

@@ -22,11 +22,13 @@ from wavetrain.console import console_callbacks, progress_bar_enabled, quiet_con
 from wavetrain.data.datamodule import steps_for_epochs
 from wavetrain.lightning_module import LanguageModelTask
 from wavetrain.loggers import build_loggers
-from wavetrain.reliability import (CHECKPOINT_DIR, AtomicCheckpointIO, NonFiniteGuard, PreemptionSignals, Preempted,
-                                   ResumePlan, RunDirLock, StepCheckpoint, TrainingRandomness,
-                                   check_resume_compatible, describe_fallback, finished_results,
-                                   global_rank_from_env, plan_resume, rotate_results, tidy_checkpoint_dir,
-                                   trim_metrics)
+from wavetrain.run.checkpoint_io import CHECKPOINT_DIR, AtomicCheckpointIO
+from wavetrain.run.determinism import TrainingRandomness
+from wavetrain.run.guards import NonFiniteGuard
+from wavetrain.run.preemption import Preempted, PreemptionSignals, StepCheckpoint
+from wavetrain.run.resume import ResumePlan, check_resume_compatible, describe_fallback, plan_resume
+from wavetrain.run.rundir import (RunDirLock, finished_results, global_rank_from_env, rotate_results,
+                                  tidy_checkpoint_dir, trim_metrics)
 
 log = logging.getLogger(__name__)
 

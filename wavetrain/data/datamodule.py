@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from wavetrain.data.sources import DataError
 from wavetrain.data.tokenizers import batched, build_tokenizer, load_tokenizer, tokenizer_key
-from wavetrain.reliability import RunPositionSampler
+from wavetrain.run.determinism import RunPositionSampler
 
 log = logging.getLogger(__name__)
 PACKINGS = ("stream", "sequential", "documents")

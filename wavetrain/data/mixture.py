@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from wavetrain.data.datamodule import Examples, SplitTokens, StreamWindows, TokenStore, sequential_spans
 from wavetrain.data.sources import DataError
-from wavetrain.reliability import RunPositionSampler
+from wavetrain.run.determinism import RunPositionSampler
 
 log = logging.getLogger(__name__)
 CORPORA = ("c4", "ultrachat")

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from wavetrain.data.sources import DataError
-from wavetrain.reliability import RunPositionSampler
+from wavetrain.run.determinism import RunPositionSampler
 
 IGNORE = -100
 SPLITS = ("train", "validation", "test")
