@@ -17,14 +17,16 @@ from torch.utils.data import DistributedSampler
 
 from wavetrain import compose_config, config
 from wavetrain.config import ConfigError, check_cli_overrides, run_stamp
-from wavetrain.data.sources import DataError
 from wavetrain.lightning_module import LanguageModelTask
-from wavetrain.run.checkpoint_io import AtomicCheckpointIO, CheckpointError, inspect_checkpoint
+from wavetrain.run.checkpoint_io import (AtomicCheckpointIO, CheckpointError, StorageError, file_sha256,
+                                         inspect_checkpoint)
 from wavetrain.run.determinism import RunPositionSampler
 from wavetrain.run.guards import NonFiniteLossError
-from wavetrain.run.resume import plan_resume
-from wavetrain.run.rundir import RunDirInUse, RunDirLock
-from wavetrain.train import resolve_precision, train
+from wavetrain.run.preemption import Preempted
+from wavetrain.run.resume import ResumePlan, plan_resume, tidy_checkpoint_dir
+from wavetrain.run.lock import RunDirInUse, RunDirLock
+from wavetrain.train import train
+from wavetrain.trainer_settings import resolve_precision
 
 TINY = ["scale=tiny", "seq_len=32", "data.batch_size=8", "data.val_windows=16", "optim.warmup_steps=2",
         "trainer.precision=32-true", "trainer.deterministic=true", "trainer.enable_progress_bar=false",
@@ -206,6 +208,37 @@ def test_under_submitit_the_preemption_signal_saves_then_submitit_requeues_once(
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "preempted"
 
 
+def _signal_at_step(monkeypatch: pytest.MonkeyPatch, signum: int, step: int) -> None:
+    original = LanguageModelTask.training_step
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == step:
+            os.kill(os.getpid(), signum)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(LanguageModelTask, "training_step", training_step)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_once_at_the_next_step_boundary_and_the_metrics_have_no_gap(signum: int, tmp_path: Path,
+                                                                                   monkeypatch, capfd) -> None:
+    command = TINY + ["trainer.max_steps=8", "trainer.val_check_interval=4", "run.checkpoint_every_n_steps=4"]
+    _signal_at_step(monkeypatch, signum, 2)  # during the third step
+    with pytest.raises(Preempted) as stop:
+        train(compose_config(command), run_dir=tmp_path)
+    name = signal.Signals(signum).name
+    assert stop.value.code == 128 + signum and stop.value.step == 3
+    assert inspect_checkpoint(tmp_path / "checkpoints" / "last.ckpt").global_step == 3
+    printed = "".join(capfd.readouterr())
+    assert printed.count(f"{name} received: stopped at step 3") == 1 and "KeyboardInterrupt" not in printed
+    assert printed.count("SIGINT received: saving at the next step boundary") == (signum == signal.SIGINT)
+    results = train(compose_config(command), run_dir=tmp_path)  # the same command again
+    assert results["steps"] == 8
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "metrics.csv")))
+    assert [int(r["step"]) for r in rows if r.get("train/loss")] == list(range(8))  # step 2's row was logged
+    assert [int(r["step"]) for r in rows if r.get("val/loss")] == [3, 7]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoint files
 
@@ -222,10 +255,28 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path: Path
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", dies_midway)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StorageError, match=f"writing checkpoint {target} failed: no space left on the device: free "):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "step": 2}, target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]
+
+
+def test_a_crash_between_the_two_renames_of_a_save_or_a_rotation_leaves_every_checkpoint_readable(
+        tmp_path: Path) -> None:
+    io, state = AtomicCheckpointIO(), {"state_dict": {}, "optimizer_states": [], "loops": {}}
+    last, previous = tmp_path / "last.ckpt", tmp_path / "previous.ckpt"
+    io.save_checkpoint({**state, "global_step": 1}, last)
+    io.save_checkpoint({**state, "global_step": 2}, tmp_path / "new.ckpt")
+    # a save killed between its renames: the new file in place, its digest still in the temporary digest file
+    os.replace(tmp_path / "new.ckpt", last)
+    os.replace(tmp_path / "new.ckpt.sha256", tmp_path / f".last.ckpt.tmp-{os.getpid() + 1}.sha256")
+    assert inspect_checkpoint(last).global_step == 2
+    # a rotation killed between its renames: last.ckpt is previous.ckpt now, its digest still under last's name
+    os.replace(last, previous)
+    assert inspect_checkpoint(previous).global_step == 2
+    tidy_checkpoint_dir(ResumePlan(inspect_checkpoint(previous)), tmp_path)  # what RunDir.begin runs
+    assert (tmp_path / "previous.ckpt.sha256").read_text().split()[0] == file_sha256(previous)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["previous.ckpt", "previous.ckpt.sha256"]
 
 
 def test_corrupt_checkpoints_are_named_and_the_previous_good_one_is_used(tmp_path: Path) -> None:
@@ -285,7 +336,7 @@ def test_nonfinite_loss_stops_naming_step_loss_and_last_good_checkpoint(tmp_path
     assert "run.on_nonfinite=skip" in message
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert all(torch.isfinite(t).all() for t in state.values())
-    assert not (tmp_path / "results.json").exists()
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
 
 
 def test_nonfinite_skip_mode_drops_the_update_and_counts_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -298,93 +349,7 @@ def test_nonfinite_skip_mode_drops_the_update_and_counts_it(tmp_path: Path, monk
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Bad inputs: a clear message naming the key, the value and the fix; nothing written or overwritten
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished tiny run whose directory every bad-input case targets as well (it must stay byte-identical)."""
-    run_dir = tmp_path_factory.mktemp("finished") / "run"
-    train(compose_config(TINY + ["trainer.max_steps=4", "trainer.val_check_interval=2"]), run_dir=run_dir)
-    return run_dir
-
-
-def _files(tmp_path: Path) -> dict[str, Path]:
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / "empty.txt").write_text("  \n")
-    (corpus / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 200)
-    (corpus / "short.txt").write_text("to be or not to be " * 3)
-    (corpus / "rows.jsonl").write_text(json.dumps({"text": "fine " * 50}) + "\n" + json.dumps({"body": "x"}) + "\n")
-    (corpus / "truncated.ckpt").write_bytes(b"PK\x03\x04" + b"\0" * 100)
-    return {p.name: p for p in corpus.iterdir()}
-
-
-BAD_INPUTS = [  # (id, overrides, error type, message) — {name} is replaced by the path of a corpus file
-    ("heads", ["scale.n_heads=3"], ConfigError,
-     "scale.d_model=32 is not divisible by scale.n_heads=3: choose n_heads dividing d_model"),
-    ("seq_len", ["seq_len=0"], ConfigError, "seq_len=0 must be positive: set seq_len to a value > 0"),
-    ("layers", ["scale.n_layers=-1"], ConfigError, "scale.n_layers=-1 must be positive"),
-    ("steps", ["trainer.max_steps=0"], ConfigError, "trainer.max_steps=0 must be positive"),
-    ("lr", ["optim.lr=-0.001"], ConfigError, "optim.lr=-0.001 must be positive"),
-    ("min_lr", ["optim.lr=0.002", "optim.min_lr=0.01"], ConfigError,
-     "optim.min_lr=0.01 must lie in [0, optim.lr=0.002]: lower min_lr"),
-    ("warmup", ["optim.warmup_steps=50", "trainer.max_steps=10"], ConfigError,
-     "optim.warmup_steps=50 must lie in [0, trainer.max_steps=10): shorten the warmup or train longer"),
-    ("batch", ["data.batch_size=0"], ConfigError, "data.batch_size=0 must be positive"),
-    ("logger", ["logger.kind=neptune"], ConfigError,
-     "logger.kind='neptune' is unknown: use one of ['csv', 'tensorboard', 'wandb']"),
-    ("val_interval", ["trainer.max_steps=10", "trainer.val_check_interval=50"], ConfigError,
-     "trainer.val_check_interval=50 training batches is longer than the run"),
-    ("schedule", ["optim.schedule=cosin"], ConfigError, "optim.schedule='cosin' is unknown"),
-    ("seed", ["seed=-1"], ConfigError, "seed=-1 must be a non-negative integer"),
-    ("betas", ["optim.betas=[0.9,1.5]"], ConfigError, "optim.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
-    ("on_nonfinite", ["run.on_nonfinite=ignore"], ConfigError, "run.on_nonfinite='ignore' is unknown"),
-    ("ckpt_every", ["run.checkpoint_every_n_steps=0"], ConfigError, "run.checkpoint_every_n_steps=0 must be positive"),
-    ("special_tokens", ["tokenizer=bpe", "tokenizer.vocab_size=3"], ConfigError,
-     "tokenizer.vocab_size=3 must exceed its 4 special tokens"),
-    ("wavefield_stride", ["attention=wavefield", "attention.field_size=40"], ConfigError,
-     "the model does not build with seq_len=32, attention=wavefield, scale=tiny: field_size=40 breaks causality"),
-    ("position_rows", ["model.position_rows=16"], ConfigError,
-     "model.position_rows=16 is shorter than seq_len=32"),
-    ("missing_path", ["data.path=/nonexistent/corpus.txt"], ConfigError,
-     "data.path=/nonexistent/corpus.txt does not exist"),
-    ("empty_corpus", ["data.path={empty.txt}"], DataError, "is empty: give a file with text in it"),
-    ("not_utf8", ["data.path={latin1.txt}"], DataError, "is not UTF-8 text"),
-    ("short_corpus", ["data.path={short.txt}", "seq_len=128"], DataError,
-     "fewer than one window of seq_len+1=129: use a longer corpus or a smaller seq_len"),
-    ("jsonl_field", ["data=owt", "data.path={rows.jsonl}", "tokenizer=char"], DataError,
-     "row 1 has no field 'text'"),
-    ("missing_ckpt", ["run.ckpt_path=/nonexistent/last.ckpt"], CheckpointError,
-     "run.ckpt_path=/nonexistent/last.ckpt does not exist"),
-    ("corrupt_ckpt", ["run.ckpt_path={truncated.ckpt}"], CheckpointError, "is unreadable (truncated or corrupt"),
-    ("no_test_split", ["run.test=true"], ConfigError, "run.test=true but data=shakespeare has no test split"),
-    ("epochs_stream", ["run.epochs=1"], ValueError, "run.epochs needs a finite epoch"),
-]
-
-
-@pytest.mark.parametrize("overrides,error,message", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_fails_before_anything_is_written(overrides: list[str], error: type, message: str,
-                                                    finished_run: Path, tmp_path: Path) -> None:
-    for name, path in _files(tmp_path).items():
-        overrides = [o.replace(f"{{{name}}}", str(path)) for o in overrides]
-    before = _snapshot(finished_run)
-    for run_dir in (tmp_path / "fresh", finished_run):  # a new run directory, and one holding a finished run
-        with pytest.raises(error) as raised:
-            train(compose_config(TINY + ["trainer.max_steps=4", "trainer.val_check_interval=2"] + overrides),
-                  run_dir=run_dir)
-        assert message in str(raised.value), str(raised.value)
-    assert not (tmp_path / "fresh").exists()
-    assert _snapshot(finished_run) == before
-
-
-def test_another_runs_directory_is_refused(finished_run: Path) -> None:
-    before = _snapshot(finished_run)
-    with pytest.raises(ConfigError, match=r"already holds another run \(last.ckpt at step 4 was trained with "
-                                          r"different settings: scale.d_model: 32 -> 64"):
-        train(compose_config(TINY + ["trainer.max_steps=8", "trainer.val_check_interval=2", "scale.d_model=64"]),
-              run_dir=finished_run)
-    assert _snapshot(finished_run) == before
+# Run directories in use (bad inputs: tests/test_refusals.py)
 
 
 def test_a_directory_in_use_is_refused(tmp_path: Path) -> None:
@@ -396,7 +361,7 @@ def test_a_directory_in_use_is_refused(tmp_path: Path) -> None:
             train(compose_config(TINY + ["trainer.max_steps=3", "trainer.val_check_interval=3"]), run_dir=tmp_path)
     finally:
         holder.release()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".wavetrain.lock"]
+    assert list(tmp_path.iterdir()) == []  # the lock is on the directory itself: nothing written
 
 
 def test_cli_checks_group_choices_and_keys_before_hydra_creates_directories(tmp_path: Path) -> None:
@@ -414,9 +379,9 @@ def test_cli_checks_group_choices_and_keys_before_hydra_creates_directories(tmp_
 
 
 def test_bf16_without_hardware_support_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    import wavetrain.train as train_module
+    import wavetrain.trainer_settings as settings
 
-    monkeypatch.setattr(train_module, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(settings, "cpu_supports_bf16", lambda: False)
     cfg = compose_config(["trainer.accelerator=cpu", "trainer.precision=bf16-mixed"])
     with pytest.warns(UserWarning, match="trainer.precision=bf16-mixed requested but this CPU has no bf16 support: "
                                          "falling back to 32-true"):
@@ -429,19 +394,20 @@ def test_bf16_without_hardware_support_falls_back_with_a_warning(monkeypatch: py
 
 def test_rerun_of_a_finished_run_changes_nothing_and_extending_keeps_its_results(tmp_path: Path,
                                                                                  capsys) -> None:
-    base = TINY + ["trainer.val_check_interval=2"]
-    first = train(compose_config(base + ["trainer.max_steps=4"]), run_dir=tmp_path)
+    # warmup (max_steps // 10) and the validation interval (max_steps // 4) follow the step budget
+    base = [o for o in TINY if not o.startswith("optim.warmup_steps")]
+    first = train(compose_config(base + ["trainer.max_steps=10"]), run_dir=tmp_path)
     before = _snapshot(tmp_path)
-    again = train(compose_config(base + ["trainer.max_steps=4"]), run_dir=tmp_path)
+    again = train(compose_config(base + ["trainer.max_steps=10"]), run_dir=tmp_path)
     assert again == json.loads((tmp_path / "results.json").read_text()) and again["val_loss"] == first["val_loss"]
-    assert "already holds this run, finished at step 4: nothing to do" in capsys.readouterr().out
+    assert "already holds this run, finished at step 10: nothing to do" in capsys.readouterr().out
     assert _snapshot(tmp_path) == before
-    longer = train(compose_config(base + ["trainer.max_steps=6"]), run_dir=tmp_path)
-    assert longer["steps"] == 6
+    longer = train(compose_config(base + ["trainer.max_steps=20"]), run_dir=tmp_path)  # extended, as advised
+    assert longer["steps"] == 20
     kept = json.loads((tmp_path / "results.1.json").read_text())
-    assert kept["steps"] == 4 and kept["val_loss"] == first["val_loss"]
+    assert kept["steps"] == 10 and kept["val_loss"] == first["val_loss"]
     steps = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "logs" / "metrics.csv")) if r.get("train/loss")]
-    assert steps == list(range(6))  # the earlier metrics are kept and continued, not deleted
+    assert steps == list(range(20))  # the earlier metrics are kept and continued, not deleted
 
 
 def test_run_directories_are_unique_within_a_second_and_stable_under_slurm(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,9 +1,7 @@
 """Callbacks: training throughput, and the results.json summary written at the end of every run."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import lightning as L
 import torch
 
 from wavetrain.flops import model_flops_per_token, peak_bf16_flops
+from wavetrain.run.results import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +111,3 @@ class RunSummary(L.Callback):
                for k, v in cb.summary().items()},
             **self.static,
         })
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)

@@ -14,7 +14,7 @@ from pathlib import Path
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from wavetrain.run.rundir import ResumableCSVLogger, wandb_run_id
+from wavetrain.run.logs import ResumableCSVLogger, wandb_run_id
 
 NAME_GROUPS = ("attention", "scale", "data")  # what a single run's default name and every run's tags carry
 

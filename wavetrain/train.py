@@ -1,7 +1,8 @@
-"""One training run from a composed config: data -> model -> Lightning Trainer -> results.json."""
+"""One training run, in the order it happens: lock the run directory, pass every check that can refuse the run,
+prepare the directory, train, write results.json.  :class:`wavetrain.run.rundir.RunDir` owns the directory and the
+order of its steps; this module builds what the run needs (data module, loggers, Trainer)."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -9,57 +10,78 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from wavetrain.callbacks import RunSummary, ThroughputMonitor, write_json_atomic
-from wavetrain.config import ConfigError, check_model_builds, validate_config
+from wavetrain.callbacks import RunSummary, ThroughputMonitor
+from wavetrain.config import ConfigError, check_model_builds, config_callable, validate_config
 from wavetrain.console import console_callbacks, progress_bar_enabled, quiet_console
 from wavetrain.data.datamodule import steps_for_epochs
+from wavetrain.evaluation import check_evaluations, evaluate_after_training
 from wavetrain.lightning_module import LanguageModelTask
 from wavetrain.loggers import build_loggers
 from wavetrain.run.checkpoint_io import CHECKPOINT_DIR, AtomicCheckpointIO
 from wavetrain.run.determinism import TrainingRandomness
 from wavetrain.run.guards import NonFiniteGuard
 from wavetrain.run.preemption import Preempted, PreemptionSignals, StepCheckpoint
-from wavetrain.run.resume import ResumePlan, check_resume_compatible, describe_fallback, plan_resume
-from wavetrain.run.rundir import (RunDirLock, finished_results, global_rank_from_env, rotate_results,
-                                  tidy_checkpoint_dir, trim_metrics)
+from wavetrain.run.resume import ResumePlan
+from wavetrain.run.rundir import HydraRecord, RunDir
+from wavetrain.trainer_settings import trainer_arguments
 
 log = logging.getLogger(__name__)
 
 
-def cpu_supports_bf16() -> bool:
-    """Native bf16 on this CPU (avx512_bf16 or AMX); elsewhere bf16 is emulated and slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.backends.mps.is_available()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def train(cfg: DictConfig, run_dir: Path | None = None, hydra: HydraRecord | None = None) -> dict:
+    """Train, validate (and optionally test) one configuration; write and return the results summary.
 
-
-def resolve_precision(trainer_cfg: DictConfig) -> str:
-    """The requested precision, or 32-true with a warning where bf16 is unsupported."""
-    precision = str(trainer_cfg.precision)
-    if not precision.startswith("bf16"):
-        return precision
-    wants_gpu = trainer_cfg.accelerator in ("gpu", "cuda") or (trainer_cfg.accelerator == "auto"
-                                                               and torch.cuda.is_available())
-    supported = torch.cuda.is_bf16_supported() if wants_gpu and torch.cuda.is_available() else cpu_supports_bf16()
-    if not supported:
-        warnings.warn(f"trainer.precision={precision} requested but this {'GPU' if wants_gpu else 'CPU'} has no "
-                      f"bf16 support: falling back to 32-true (set trainer.precision=32-true to silence this)")
-        return "32-true"
-    return precision
+    A run directory that already holds this run resumes it from its newest readable checkpoint; one that holds it
+    finished is left as it is (its results are returned).  ``hydra``: the files Hydra would have written into the
+    run directory before the job (written once the checks pass)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_console()
+    started = time.time()
+    with RunDir(Path(run_dir or os.getcwd()), cfg, hydra) as run:  # locked: no second run in this directory
+        # every check that can refuse the run, before anything is written
+        validate_config(cfg)
+        check_model_builds(cfg)
+        trainer_args = trainer_arguments(cfg)
+        run.check_writable()
+        L.seed_everything(int(cfg.seed), workers=True)
+        data = build_datamodule(cfg)
+        vocab_size = data.prepare()
+        apply_epoch_budget(cfg, data)
+        tokenizer = getattr(data, "tokenizer", None)
+        check_evaluations(cfg, data, tokenizer)
+        plan = run.plan_resume(vocab_size)  # the checkpoint to start from, checked against this model
+        finished = run.finished()
+        if finished is not None:
+            print(f"wavetrain: {run.path} already holds this run, finished at step {finished.get('steps')}: nothing "
+                  f"to do (its results are in {run.results_path}; raise trainer.max_steps to train on, or use a new "
+                  f"hydra.run.dir)")
+            return finished
+        # from here on this run writes into its directory
+        run.begin(tokenizer)
+        task = LanguageModelTask(OmegaConf.to_container(cfg, resolve=True), vocab_size)
+        log.info("model: %s parameters, vocabulary %d", f"{task.n_parameters:,}", vocab_size)
+        with PreemptionSignals(requeue=bool(cfg.run.get("requeue", True))) as signals:
+            trainer = build_trainer(cfg, run, trainer_args, signals, vocab_size)
+            fit(trainer, task, data, plan, signals, run)
+        if not trainer.is_global_zero:
+            return {}
+        results = run.read_results()
+        results.update(evaluate_after_training(cfg, trainer, task, data, results, run.path, tokenizer))
+        results["wall_seconds"] = time.time() - started
+        run.write_results(results)
+        print(summary_line(results))
+        return results
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    """``data.datamodule`` (a class path; the text pipeline by default) built from the data/tokenizer configs."""
-    cls = get_class(cfg.data.get("datamodule") or "wavetrain.data.datamodule.TextDataModule")
+    """``data.datamodule`` (a class path, resolved under Hydra's target policy; the text pipeline by default) built
+    from the data/tokenizer configs."""
+    cls = config_callable("data.datamodule", cfg.data.get("datamodule") or "wavetrain.data.datamodule.TextDataModule")
     return cls(cfg.data, cfg.tokenizer, int(cfg.seq_len), int(cfg.seed))
 
 
@@ -72,12 +94,12 @@ def apply_epoch_budget(cfg: DictConfig, data: L.LightningDataModule) -> None:
     steps."""
     epoch_steps = cfg.optim.get("epoch_steps", "optimizer_steps")
     if epoch_steps not in ("optimizer_steps", "micro_batches"):
-        raise ValueError(f"optim.epoch_steps={epoch_steps!r} is unknown: use optimizer_steps or micro_batches")
+        raise ConfigError(f"optim.epoch_steps={epoch_steps!r} is unknown: use optimizer_steps or micro_batches")
     if cfg.run.get("epochs") is None:
         return
     examples = data.train_examples_per_epoch()
     if examples is None:
-        raise ValueError("run.epochs needs a finite epoch: use data.packing=sequential or documents "
+        raise ConfigError("run.epochs needs a finite epoch: use data.packing=sequential or documents "
                          "(the stream packing samples windows endlessly; set trainer.max_steps instead)")
     devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1
     world = max(1, devices) * int(cfg.trainer.num_nodes)
@@ -95,155 +117,50 @@ def apply_epoch_budget(cfg: DictConfig, data: L.LightningDataModule) -> None:
     validate_config(cfg)
 
 
-def train(cfg: DictConfig, run_dir: Path | None = None) -> dict:
-    """Train, validate (and optionally test) one configuration; write and return the results summary.
-
-    Every check that can fail on bad input (config, model construction, checkpoint to resume, data) runs before
-    anything is written into the run directory.  A run directory that already holds this run resumes it from its
-    newest readable checkpoint; one that holds it finished is left as it is (its results are returned)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    quiet_console()
-    validate_config(cfg)
-    check_model_builds(cfg)
-    run_dir = Path(run_dir or os.getcwd())
-    started = time.time()
-    resume = plan_resume(cfg.run.ckpt_path, run_dir)
-    fallback = describe_fallback(resume)
-    L.seed_everything(int(cfg.seed), workers=True)
-    data = build_datamodule(cfg)
-    vocab_size = data.prepare()
-    apply_epoch_budget(cfg, data)
-    if cfg.run.test and not data.has_split("test"):
-        raise ConfigError(f"run.test=true but data={cfg.run.choices.get('data')} has no test split: set "
-                          f"run.test=false (or give the source a test split, e.g. data.source.test_fraction=0.05)")
-    if cfg.run.get("passkey"):
-        _check_passkey_tokenizer(getattr(data, "tokenizer", None))
-    check_resume_compatible(resume, OmegaConf.to_container(cfg, resolve=True), run_dir, bool(cfg.run.ckpt_path))
-    results_path = run_dir / cfg.run.results_file
-    finished = None if cfg.run.ckpt_path else finished_results(results_path, int(cfg.trainer.max_steps))
-    if finished is not None:
-        if resume.checkpoint is None and list(finished.get("overrides") or []) != list(cfg.run.overrides):
-            raise ConfigError(f"{run_dir} already holds a finished run with other overrides "
-                              f"({' '.join(finished.get('overrides') or []) or 'none'}): nothing was changed; give "
-                              f"this run its own hydra.run.dir")
-        print(f"wavetrain: {run_dir} already holds this run, finished at step {finished.get('steps')}: nothing to do "
-              f"(its results are in {results_path}; raise trainer.max_steps to train on, or use a new hydra.run.dir)")
-        return finished
-    # ---- from here on this run writes into run_dir (every check above passed) ----
-    rank_zero = global_rank_from_env() == 0
-    lock = RunDirLock(run_dir)
-    if rank_zero:
-        lock.acquire()
-    signals = PreemptionSignals(requeue=bool(cfg.run.get("requeue", True)))
-    signals.install()
-    try:
-        return _fit(cfg, run_dir, data, vocab_size, resume, fallback, signals, started, rank_zero)
-    finally:
-        signals.restore()
-        lock.release()
-
-
-def _fit(cfg: DictConfig, run_dir: Path, data: L.LightningDataModule, vocab_size: int, resume: ResumePlan,
-         fallback: str | None, signals: PreemptionSignals, started: float, rank_zero: bool) -> dict:
-    results_path = run_dir / cfg.run.results_file
-    if rank_zero:
-        if fallback:
-            warnings.warn(fallback)
-        tidy_checkpoint_dir(resume, run_dir / CHECKPOINT_DIR)
-        if resume.checkpoint is not None:
-            print(f"wavetrain: resuming {run_dir} from {resume.checkpoint.path} (step {resume.step})")
-            trim_metrics(run_dir / "logs" / "metrics.csv", resume.step)
-        rotated = rotate_results(results_path)
-        if rotated:
-            log.info("kept the earlier results of this run directory as %s", rotated)
-    tokenizer = getattr(data, "tokenizer", None)
-    if rank_zero and tokenizer is not None and hasattr(tokenizer, "save"):  # the run's own copy (eval.passkey)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        copy = run_dir / f"tokenizer.json.tmp{os.getpid()}"
-        tokenizer.save(copy)
-        os.replace(copy, run_dir / "tokenizer.json")
-    task = LanguageModelTask(OmegaConf.to_container(cfg, resolve=True), vocab_size)
-    log.info("model: %s parameters, vocabulary %d", f"{task.n_parameters:,}", vocab_size)
-    checkpoints = ModelCheckpoint(dirpath=str(run_dir / CHECKPOINT_DIR), filename="best-step{step}",
-                                  monitor=str(cfg.run.get("checkpoint_metric", "val/loss")),
-                                  mode=str(cfg.run.get("checkpoint_mode", "min")), save_top_k=1, save_last=False,
-                                  auto_insert_metric_name=False)
-    step_checkpoints = StepCheckpoint(run_dir / CHECKPOINT_DIR, int(cfg.run.checkpoint_every_n_steps), signals)
-    guard = NonFiniteGuard(str(cfg.run.on_nonfinite), step_checkpoints, int(cfg.run.max_nonfinite_skips))
+def build_trainer(cfg: DictConfig, run: RunDir, trainer_args: dict, signals: PreemptionSignals,
+                  vocab_size: int) -> L.Trainer:
+    """The Lightning Trainer with the run/ callbacks: the best checkpoint by run.checkpoint_metric, step checkpoints
+    (and the stop on a preemption signal), the NaN/inf guard, the training RNG stream, throughput and results."""
+    ckpt_dir = run.path / CHECKPOINT_DIR
+    best = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best-step{step}",
+                           monitor=str(cfg.run.get("checkpoint_metric", "val/loss")),
+                           mode=str(cfg.run.get("checkpoint_mode", "min")), save_top_k=1, save_last=False,
+                           auto_insert_metric_name=False)
+    steps = StepCheckpoint(ckpt_dir, int(cfg.run.checkpoint_every_n_steps), signals)
+    guard = NonFiniteGuard(str(cfg.run.on_nonfinite), steps, int(cfg.run.max_nonfinite_skips))
     throughput = ThroughputMonitor()
-    summary = RunSummary(results_path, checkpoints, throughput, {
+    summary = RunSummary(run.results_path, best, throughput, {
         "vocab_size": vocab_size, "overrides": list(cfg.run.overrides), "choices": dict(cfg.run.choices)})
-    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_args["precision"] = resolve_precision(cfg.trainer)
-    trainer_args["enable_progress_bar"] = progress_bar_enabled(cfg.trainer.get("enable_progress_bar"))
+    progress_bar = progress_bar_enabled(trainer_args.get("enable_progress_bar"))
     # Lightning's own SLURM auto-requeue stays off: wavetrain saves at a step boundary and requeues once itself
     plugins = [AtomicCheckpointIO()] + ([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])
-    trainer = L.Trainer(**trainer_args, max_epochs=-1, gradient_clip_val=cfg.optim.grad_clip or None,
-                        callbacks=[TrainingRandomness(), guard, checkpoints, throughput, summary, step_checkpoints,
-                                   *console_callbacks(trainer_args["enable_progress_bar"])],
-                        plugins=plugins, logger=build_loggers(cfg, run_dir), default_root_dir=str(run_dir))
     # the loader resumes at the checkpoint's step (RunPositionSampler), which this Lightning warning cannot see
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    return L.Trainer(**{**trainer_args, "enable_progress_bar": progress_bar}, max_epochs=-1,
+                     gradient_clip_val=cfg.optim.grad_clip or None,
+                     callbacks=[TrainingRandomness(), guard, best, throughput, summary, steps,
+                                *console_callbacks(progress_bar)],
+                     plugins=plugins, logger=build_loggers(cfg, run.path), default_root_dir=str(run.path))
+
+
+def fit(trainer: L.Trainer, task: LanguageModelTask, data: L.LightningDataModule, plan: ResumePlan,
+        signals: PreemptionSignals, run: RunDir) -> None:
+    """``trainer.fit`` from the planned checkpoint; after a preemption signal: record it in results.json, say
+    where the run stopped, requeue once, and exit with 128 + the signal number."""
     try:
-        trainer.fit(task, datamodule=data, ckpt_path=resume.path)
+        trainer.fit(task, datamodule=data, ckpt_path=plan.path)
+        return
     except SIGTERMException:  # a signal that reached Lightning's handler before training started: nothing new
-        raise _stopped(cfg, results_path, Preempted(signals.received or 15, resume.step, resume.checkpoint and
-                                                     resume.checkpoint.path), signals, rank_zero) from None
-    except Preempted as stop:
-        raise _stopped(cfg, results_path, stop, signals, rank_zero) from None
-    if not trainer.is_global_zero:
-        return {}
-    results = json.loads(results_path.read_text())
-    if cfg.run.test:
-        best = results.get("best_checkpoint")
-        tested = trainer.test(task, datamodule=data, ckpt_path=best, verbose=False)
-        results.update({k.replace("/", "_"): float(v) for k, v in (tested[0] if tested else {}).items()})
-    if cfg.run.get("passkey"):
-        results.update(_passkey(cfg, run_dir, results, tokenizer, trainer.strategy.root_device))
-    results["wall_seconds"] = time.time() - started
-    write_json_atomic(results_path, results)
-    print(summary_line(results))
-    return results
-
-
-def _check_passkey_tokenizer(tokenizer) -> None:
-    from wavetrain.eval.passkey import check_run_tokenizer
-
-    try:
-        check_run_tokenizer(tokenizer)
-    except ValueError as err:
-        raise ConfigError(f"run.passkey=true: {err}") from None
-
-
-def _passkey(cfg: DictConfig, run_dir: Path, results: dict, tokenizer, device: torch.device) -> dict:
-    """run.passkey: the DWARF passkey protocol (spec dwarf.md §5) on the best checkpoint (else the last one)."""
-    from wavetrain.eval.passkey import passkey_after_training
-
-    checkpoint = Path(results.get("best_checkpoint") or run_dir / CHECKPOINT_DIR / "last.ckpt")
-    distances = cfg.run.get("passkey_distances")
-    scores = passkey_after_training(checkpoint, tokenizer, run_dir / "passkey", context=int(cfg.seq_len),
-                                    distances=list(distances) if distances is not None else None,
-                                    trials=int(cfg.run.passkey_trials), device=device)
-    accuracy = scores["passkey_acc"]
-    log.info("passkey (spec dwarf.md §5): %s over %d distances, written to %s", "n/a" if accuracy is None
-             else f"{accuracy:.1%}", scores["passkey_distances"], run_dir / "passkey")
-    return scores
-
-
-def _stopped(cfg: DictConfig, results_path: Path, stop: Preempted, signals: PreemptionSignals,
-             rank_zero: bool) -> Preempted:
-    """After a preemption signal: record it in results.json, say where the run stopped, requeue once."""
-    if rank_zero:
-        write_json_atomic(results_path, {
-            "status": "preempted", "signal": stop.signal_name, "steps": stop.step,
-            "checkpoint": str(stop.checkpoint) if stop.checkpoint else None,
-            "overrides": list(cfg.run.overrides), "choices": dict(cfg.run.choices)})
+        stop = Preempted(signals.received or 15, plan.step, plan.checkpoint and plan.checkpoint.path)
+    except Preempted as preempted:
+        stop = preempted
+    if run.rank_zero:
+        run.record_preemption(stop.signal_name, stop.step, stop.checkpoint)
         saved = f"saved {stop.checkpoint}" if stop.checkpoint else "no checkpoint yet"
         print(f"wavetrain: {stop.signal_name} received: stopped at step {stop.step} ({saved}); rerun the same "
               f"command in the same run directory to resume", flush=True)
-        outcome = signals.requeue(stop.signum)  # submitit's handler requeues and exits from here
-        print(f"wavetrain: {outcome}", flush=True)
-    return stop
+        print(f"wavetrain: {signals.requeue(stop.signum)}", flush=True)  # submitit's handler requeues and exits
+    raise stop from None
 
 
 def summary_line(results: dict) -> str:

@@ -3,6 +3,7 @@ step, the loss and the last good checkpoint (``run.on_nonfinite=skip``: drop the
 from __future__ import annotations
 
 import logging
+import math
 
 import lightning as L
 import torch
@@ -56,23 +57,30 @@ class NonFiniteGuard(L.Callback):
             return
         loss_value, norm_value = (float(v) for v in values)
         step = trainer.global_step
+        what = (f"non-finite training loss {loss_value} (gradient norm {norm_value})" if not math.isfinite(loss_value)
+                else f"non-finite gradient (global norm {norm_value}) with a finite training loss {loss_value:.4g}")
         where = f"at step {step} (optimiser step {step + 1} of {trainer.max_steps})"
         if self.mode == "skip" and self.skipped < self.max_skips:
             self.skipped += 1
             for group in optimizer.param_groups:
                 for param in group["params"]:
                     param.grad = None
-            log.warning("non-finite training loss %s (gradient norm %s) %s: update skipped (%d skipped so far)",
-                        loss_value, norm_value, where, self.skipped)
+            log.warning("%s %s: update skipped (%d skipped so far)", what, where, self.skipped)
             pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
             return
-        limit = (f"; {self.skipped} steps were skipped already (run.max_nonfinite_skips={self.max_skips})"
-                 if self.mode == "skip" else "")
-        raise NonFiniteLossError(
-            f"non-finite training loss {loss_value} (gradient norm {norm_value}) {where}: the run stopped before "
-            f"applying it{limit}. Last good checkpoint: {self.checkpoints.last_good()}. Lower optim.lr (or raise "
-            f"optim.warmup_steps, set optim.grad_clip) and resume from it with run.ckpt_path=..., or set "
-            f"run.on_nonfinite=skip to drop such steps")
+        good = self.checkpoints.last_good()
+        last_good = (f"{good.path} (step {good.global_step})" if good else f"none yet (the first is due at step "
+                     f"{self.checkpoints.every_n_steps}, run.checkpoint_every_n_steps)")
+        resume = f"resume from it with run.ckpt_path={good.path}" if good else "start again"
+        if self.mode == "skip":
+            fix = (f"{self.skipped} steps were skipped already, the limit run.max_nonfinite_skips={self.max_skips}. "
+                   f"Lower optim.lr (or raise optim.warmup_steps, set optim.grad_clip) and {resume}, or raise "
+                   f"run.max_nonfinite_skips")
+        else:
+            fix = (f"Lower optim.lr (or raise optim.warmup_steps, set optim.grad_clip) and {resume}, or set "
+                   f"run.on_nonfinite=skip to drop such steps")
+        raise NonFiniteLossError(f"{what} {where}: the run stopped before applying it. Last good checkpoint: "
+                                 f"{last_good}. {fix}")
 
     def summary(self) -> dict:
         """Contribution to results.json."""

@@ -1,5 +1,7 @@
-"""Preemption: SIGTERM, SIGUSR1 (SLURM's ``--signal``) and submitit's preemption signal only set a flag; at the next
-step boundary :class:`StepCheckpoint` saves ``last.ckpt`` and stops the run (:class:`Preempted`).  The job is
+"""Preemption: SIGTERM, SIGUSR1 (SLURM's ``--signal``), SIGINT (Ctrl-C) and submitit's preemption signal only set a
+flag; at the next step boundary :class:`StepCheckpoint` logs that step's metrics, saves ``last.ckpt`` and stops the
+run (:class:`Preempted`), so a resumed run continues the metrics without a gap.  A second Ctrl-C stops at once,
+without saving (the last periodic checkpoint stays).  The job is
 requeued once: by submitit's own handler when the job was launched through submitit, otherwise (plain ``sbatch``)
 on SLURM's requeue signal with ``scontrol requeue`` as Lightning's SLURM environment does; Lightning's own
 auto-requeue is switched off so that nothing requeues twice.  SIGTERM alone never requeues (``scancel`` sends it).
@@ -18,12 +20,12 @@ import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Checkpoint
 
-from wavetrain.run.checkpoint_io import (LAST, PREVIOUS, CheckpointError, _digest_path, _first_line,
-                                         checkpoint_candidates, inspect_checkpoint)
+from wavetrain.run.checkpoint_io import (LAST, PREVIOUS, CheckpointError, CheckpointInfo, _first_line,
+                                         checkpoint_candidates, inspect_checkpoint, rotate)
 
 log = logging.getLogger(__name__)
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Preempted(SystemExit):
@@ -42,7 +44,7 @@ class Preempted(SystemExit):
 
 
 class PreemptionSignals:
-    """Handlers for SIGTERM, SIGUSR1 and submitit's preemption signal that only record the signal (async-safe);
+    """Handlers for SIGTERM, SIGUSR1, SIGINT and submitit's preemption signal that only record the signal;
     the training loop acts on it at the next step boundary.  ``requeue`` decides who requeues the job."""
 
     def __init__(self, requeue: bool) -> None:
@@ -51,7 +53,7 @@ class PreemptionSignals:
         self.previous: dict[int, Any] = {}
 
     def signals(self) -> list[int]:
-        """SIGTERM, SIGUSR1, and submitit's preemption signal when submitit handles it in this process."""
+        """SIGTERM, SIGUSR1, SIGINT, and submitit's preemption signal when submitit handles it in this process."""
         found = list(PREEMPTION_SIGNALS)
         submitit = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
         if submitit is not None and _is_submitit_handler(signal.getsignal(submitit)) and submitit not in found:
@@ -71,9 +73,21 @@ class PreemptionSignals:
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self.previous = {}
 
+    def __enter__(self) -> PreemptionSignals:
+        self.install()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
     def _record(self, signum: int, frame) -> None:
         if self.received is None:
             self.received = signum
+            if signum == signal.SIGINT:  # os.write: safe wherever the handler interrupts the main thread
+                os.write(2, b"\nwavetrain: SIGINT received: saving at the next step boundary, then stopping "
+                            b"(Ctrl-C again stops at once, without saving)\n")
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
 
     def __getstate__(self) -> dict:
         # a spawned DDP worker records its own process' handlers (these may not even be picklable)
@@ -152,15 +166,14 @@ class StepCheckpoint(Checkpoint):
     def last_path(self) -> Path:
         return self.dirpath / LAST
 
-    def last_good(self) -> str:
-        """The newest checkpoint of the run, for error messages."""
+    def last_good(self) -> CheckpointInfo | None:
+        """The newest readable checkpoint of the run (for error messages)."""
         for candidate in checkpoint_candidates(self.dirpath):
             try:
-                info = inspect_checkpoint(candidate)
+                return inspect_checkpoint(candidate)
             except CheckpointError:
                 continue
-            return f"{info.path} (step {info.global_step})"
-        return f"none yet (the first is due at step {self.every_n_steps}, run.checkpoint_every_n_steps)"
+        return None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._seen_step = trainer.global_step
@@ -184,6 +197,8 @@ class StepCheckpoint(Checkpoint):
         if _validation_follows(trainer):
             self._deferred = signum or _NO_SIGNAL
             return
+        if signum is not None:  # Lightning logs this step's metrics after this hook, which the stop would skip
+            trainer._logger_connector.update_train_step_metrics()
         self._save_or_stop(trainer, signum)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -196,14 +211,12 @@ class StepCheckpoint(Checkpoint):
 
     def _save_or_stop(self, trainer: L.Trainer, signum: int | None) -> None:
         self.save(trainer)
-        if signum is not None:
+        if signum is not None and trainer.global_step < trainer.max_steps:  # at the last step: finish the run
             raise Preempted(signum, trainer.global_step, self.last_path)
 
     def save(self, trainer: L.Trainer) -> None:
         if trainer.is_global_zero and self.last_path.exists():
-            os.replace(self.last_path, self.dirpath / PREVIOUS)
-            if _digest_path(self.last_path).exists():
-                os.replace(_digest_path(self.last_path), _digest_path(self.dirpath / PREVIOUS))
+            rotate(self.last_path, self.dirpath / PREVIOUS)
         for logger in trainer.loggers:  # the metrics up to this step are on disk with the checkpoint
             logger.save()
         trainer.save_checkpoint(self.last_path, weights_only=False)
