@@ -28,7 +28,8 @@ def plain_loop_seconds_per_step(cfg, device: torch.device, warmup_steps: int, ti
 
     from wavetrain.data.datamodule import StreamWindows
     from wavetrain.lightning_module import fused_adamw, lr_factor, parameter_groups
-    from wavetrain.train import build_datamodule, resolve_precision
+    from wavetrain.train import build_datamodule
+    from wavetrain.trainer_settings import resolve_precision
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     data = build_datamodule(cfg)
