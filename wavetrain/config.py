@@ -255,7 +255,7 @@ def check_override_types(cfg: DictConfig) -> None:
     except Exception:  # noqa: BLE001 - overrides that Hydra itself composed but this parser cannot read: skip
         return
     plain = [o.key_or_group for o in overrides if o.type == OverrideType.CHANGE and o.package is None
-             and o.key_or_group not in GROUPS and "/" not in o.key_or_group
+             and o.key_or_group not in GROUPS and "/" not in o.key_or_group and not (CONF_DIR / o.key_or_group).is_dir()
              and not o.key_or_group.startswith(("hydra", "trainer.", "run.overrides", "run.choices"))]
     if not plain:
         return
