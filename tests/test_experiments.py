@@ -195,6 +195,8 @@ def test_cli_precheck_knows_the_experiment_group() -> None:
     check_cli_overrides(["experiment=wda_ablation", "wda_ablation=topk4", "attention.topk_masks=2"])
     with pytest.raises(ConfigError, match="experiment=dwarf_13 is not an option.*did you mean experiment=dwarf_13m"):
         check_cli_overrides(["experiment=dwarf_13"])
+    with pytest.raises(ConfigError, match="wda_ablation=topk5 is not an option.*did you mean wda_ablation=topk4"):
+        check_cli_overrides(["experiment=wda_ablation", "wda_ablation=topk5"])
     with pytest.raises(ConfigError, match="the config has no key protocol.nam "):
         check_cli_overrides(["experiment=mqar", "protocol.nam=x"])
 
@@ -264,3 +266,13 @@ def test_every_report_key_of_every_sweep_is_a_results_key(tiny_mqar_run: dict) -
         raw = OmegaConf.load(SWEEPS_DIR / f"{name}.yaml")
         keys = {raw.sweep.metric, *(raw.sweep.get("columns") or []), *(r.metric for r in raw.get("reference") or [])}
         assert keys <= known, f"sweeps/{name}.yaml names {sorted(keys - known)}, which no results.json holds"
+
+
+def test_help_names_the_experiment_group_and_its_usage() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "wavetrain", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "experiment=<protocol>" in out.stdout
+    assert "experiment: " + ", ".join(EXPERIMENTS) in out.stdout

@@ -403,7 +403,7 @@ def _check_group_choices(overrides, origin: str) -> tuple[list[str], list[tuple[
             continue
         values = ([str(v) for v in override.sweep_string_iterator()] if override.is_sweep_override()
                   else [override.get_value_element_as_str()])
-        if key in GROUPS and override.type == OverrideType.CHANGE:
+        if (key in GROUPS or (CONF_DIR / key).is_dir()) and override.type == OverrideType.CHANGE:
             valid = group_choices(key)
             for value in values:
                 if value not in valid:
