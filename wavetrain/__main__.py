@@ -59,7 +59,9 @@ def refusal_message(error: BaseException) -> str | None:
         return " ".join(str(error).split())
     cause = storage_failure(error)
     if cause is not None:
-        return str(storage_error(cause, Path(cause.filename or "."), "to"))
+        if cause.filename:
+            return str(storage_error(cause, Path(cause.filename), "to"))
+        return str(storage_error(cause, Path.cwd(), "into the run directory"))  # a write through an open file
     return None
 
 
