@@ -75,14 +75,30 @@ def test_cli_help_lists_groups() -> None:
     assert "standard" in out.stdout and "shakespeare" in out.stdout
 
 
+def _build_attention_on_meta(cfg) -> torch.nn.Module:
+    """The attention module on the meta device (shapes, no memory, no init), or on the CPU where construction
+    reads tensor values (Wave Field's field layout, DWARF's offsets), as wavetrain.config.check_model_builds does."""
+    try:
+        with torch.device("meta"):
+            return build_attention(cfg)
+    except Exception as error:  # hydra's InstantiationException wraps the meta-device error
+        cause = error
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if "meta" not in str(cause) and not isinstance(cause, NotImplementedError):
+            raise
+        return build_attention(cfg)
+
+
 @pytest.mark.parametrize("scale", group_choices("scale"))
 def test_every_attention_builds_at_every_scale(scale: str) -> None:
+    """Construction at every preset (the forward pass is checked at tiny scale above and in each mechanism's tests)."""
     for attention in group_choices("attention"):
         cfg = compose_config([f"attention={attention}", f"scale={scale}"])
-        attn = build_attention(cfg)
-        x = torch.randn(1, 64, cfg.scale.d_model)
-        with torch.no_grad():
-            assert attn(x).shape == x.shape, attention
+        attn = _build_attention_on_meta(cfg)
+        parameters = list(attn.parameters())
+        assert parameters and sum(p.numel() for p in parameters) > 0, attention
+        assert any(cfg.scale.d_model in p.shape for p in parameters), f"{attention}: no weight of width d_model"
 
 
 SUBQUADRATIC = ["wavefield", "wda", "dwarf_condA", "dwarf_condE", "dwarf_condK", "dwarf_condN"]
@@ -90,10 +106,12 @@ SUBQUADRATIC = ["wavefield", "wda", "dwarf_condA", "dwarf_condE", "dwarf_condK",
 
 @pytest.mark.parametrize("attention", SUBQUADRATIC)
 def test_subquadratic_attentions_build_at_16k_context(attention: str) -> None:
-    overrides = [f"attention={attention}", "scale=tiny", "seq_len=16384"]
+    """A one-block tiny model built for, and run on, a 16,384-token context (fp32 CPU, a second or two)."""
+    overrides = [f"attention={attention}", "scale=tiny", "scale.n_layers=1", "seq_len=16384"]
     if attention == "wda":
         overrides.append("attention.gate_pooling=prefix_mixdens")  # the O(M·N log N) mode for long contexts
     cfg = compose_config(overrides)
     model = build_model(cfg, vocab_size=20)
     with torch.no_grad():
-        assert model(torch.randint(0, 20, (1, 2048))).shape == (1, 2048, 20)
+        logits = model(torch.randint(0, 20, (1, 16384)))
+    assert logits.shape == (1, 16384, 20) and torch.isfinite(logits).all()

@@ -138,17 +138,7 @@ def test_cli_run_prints_one_line_per_event_and_saves_checkpoint(tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
-    out = _cli(TINY + ["trainer=ddp", "trainer.max_steps=6", "trainer.val_check_interval=3",
-                       "trainer.precision=32-true", f"hydra.run.dir={tmp_path}/run"], tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["steps"] == 6
-    assert "distributed_backend=gloo" in out.stderr + out.stdout
-
-
-@pytest.mark.slow
-def test_ddp_under_hydra_multirun_runs_each_job_once(tmp_path: Path) -> None:
+def test_ddp_on_two_cpu_processes_under_hydra_multirun_runs_each_job_once(tmp_path: Path) -> None:
     out = _cli(["-m", *TINY, "trainer=ddp", "trainer.max_steps=4", "trainer.val_check_interval=2",
                 "trainer.precision=32-true", "seed=1,2", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -157,3 +147,4 @@ def test_ddp_under_hydra_multirun_runs_each_job_once(tmp_path: Path) -> None:
     for job in jobs:
         assert json.loads((tmp_path / "sweep" / job / "results.json").read_text())["steps"] == 4
     assert (out.stdout + out.stderr).count("Launching 2 jobs locally") == 1
+    assert "distributed_backend=gloo" in out.stderr + out.stdout, "two CPU processes (gloo) per job"

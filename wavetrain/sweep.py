@@ -72,7 +72,7 @@ def list_jobs(overrides: Sequence[str], validate: bool = True) -> list[list[str]
     params = OmegaConf.to_container(params, resolve=True) if params else {}
     jobs = expand_sweep([f"{key}={value}" for key, value in params.items()] + [o.input_line for o in task])
     if validate:
-        _validate_rows(hydra_overrides, jobs)
+        validate_jobs(jobs)
     return jobs
 
 
@@ -113,8 +113,8 @@ def _hydra() -> Iterator[None]:
 
 @functools.lru_cache(maxsize=512)
 def _compose(overrides: tuple[str, ...], with_hydra: bool = False) -> DictConfig:
-    """``compose`` as a job of the multirun composes (Hydra's overrides, then the job's); cached, so the rows of a
-    grid over plain keys, and dry runs of one sweep with other plain values, compose once (callers copy)."""
+    """``compose`` of these overrides; cached, so the rows of a grid over plain keys, and dry runs of one sweep with
+    other plain values, compose once (callers copy)."""
     with _hydra():
         return compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
 
@@ -126,10 +126,11 @@ def _is_group(override: Override) -> bool:
     return override.package is not None or key.startswith("hydra/") or (CONF_DIR / key).is_dir()
 
 
-def _validate_rows(hydra_overrides: tuple[str, ...], jobs: list[list[str]]) -> None:
+def validate_jobs(jobs: list[list[str]]) -> None:
     """Compose and validate one job per row (seeds compose alike).  As in Hydra, a job's config is the
-    composition of Hydra's overrides and the job's group overrides, then its plain ``key=value`` overrides applied
-    in order; rows sharing their group overrides share the composition."""
+    composition of its group overrides, then its plain ``key=value`` overrides applied in order; rows sharing their
+    group overrides share the composition.  Hydra's own overrides (``hydra/launcher=...``, ``hydra.*``) shape no
+    job's config (the master composition above checked that they compose), so they are left out here."""
     rows: dict[tuple, tuple[int, list[str]]] = {}
     for number, job in enumerate(jobs):
         rows.setdefault(tuple(o for o in job if not o.startswith("seed=")), (number, job))
@@ -137,7 +138,7 @@ def _validate_rows(hydra_overrides: tuple[str, ...], jobs: list[list[str]]) -> N
         try:
             parsed = _parse(job, f"job #{number}")
             groups = tuple(o.input_line for o in parsed if _is_group(o))
-            job_cfg = copy.deepcopy(_compose(hydra_overrides + groups))
+            job_cfg = copy.deepcopy(_compose(groups))
             for override in parsed:
                 if not _is_group(override):
                     apply_override(job_cfg, override)
